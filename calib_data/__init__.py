@@ -1,0 +1,1 @@
+"""Calibration and benchmark data the project ships, and their generators."""

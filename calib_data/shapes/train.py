@@ -1,0 +1,292 @@
+"""Train the shipped shapes VLM from scratch, resumably: `python -m calib_data.shapes.train`.
+
+Recipe (all settings are the CLI defaults below and are written into the model folder):
+- data: scenes drawn on the fly from seeds below TRAIN_SEED_LIMIT (the shipped test and calib
+  splits use seeds above it), a deterministic function of the step, so a resumed run sees the
+  same batches it would have seen without the stop;
+- 1/4 of each batch is captioning ("describe image" -> every object with colour, kind, row and
+  col: 10-40 supervised tokens per image, LLaVA's stage-1 idea), 3/4 visual questions, one of
+  the six task types round-robin;
+- an auxiliary dense loss on the projector outputs (per patch: colour, kind, digit, row, col of
+  its cell), the labels the generator knows for free; its heads are not part of the saved model;
+- init: text embeddings at std 1 and projector output rescaled to RMS 1, so image tokens do not
+  drown the question in the residual stream;
+- AdamW, lr 1e-3, 300 warm-up steps, cosine to 1e-4 over --total-steps, batch 32, clip 1.0.
+
+Checkpoints (model + optimizer + step) go to --state every --save-every steps; a run restarted
+with the same --state resumes. The HF folder (--out) is refreshed at every evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from calib_data.shapes import TASKS, TRAIN_SEED_LIMIT, caption, make_question, make_scene, render
+from calib_data.shapes.model import (
+    N_VISUAL,
+    build_config,
+    build_processor,
+    build_tokenizer,
+    pixels,
+    prompt_text,
+)
+from calib_data.shapes.scene import COLORS, GRID, SHAPES
+
+VAL_SEED = 3 * 10**9
+KINDS = ("none",) + SHAPES + ("digit",)
+COLOR_LIST = ("none",) + tuple(COLORS)
+AUX_SIZES = {"color": len(COLOR_LIST), "kind": len(KINDS), "digit": 11, "row": GRID, "col": GRID}
+
+
+def patch_labels(scene) -> np.ndarray:
+    """5 x 144 int labels: colour, kind, digit (0 = none), row, col of each patch's cell."""
+    lab = np.zeros((5, 12, 12), np.int64)
+    rows = np.arange(12) // 2
+    lab[3] = rows[:, None]
+    lab[4] = rows[None, :]
+    for o in scene.objects:
+        sl = (slice(2 * o.row, 2 * o.row + 2), slice(2 * o.col, 2 * o.col + 2))
+        lab[0][sl] = COLOR_LIST.index(o.color)
+        lab[1][sl] = KINDS.index(o.kind)
+        lab[2][sl] = 0 if o.digit is None else int(o.digit) + 1
+    return lab.reshape(5, -1)
+
+
+def make_example(seed: int, vocab: dict, caption_frac: float = 0.25):
+    """(input ids, index of the first answer token, image uint8, labels, task)."""
+    rng = random.Random(seed)
+    for attempt in range(50):
+        scene = make_scene(seed * 37 + attempt)
+        if rng.random() < caption_frac:
+            q, a, task = "describe image", caption(scene), "caption"
+        else:
+            task = TASKS[rng.randrange(len(TASKS))]
+            qa = make_question(scene, task, rng)
+            if qa is None:
+                continue
+            q, a = qa["question"], qa["answer"]
+        break
+    prompt = prompt_text(q).split()
+    ids = [vocab["<s>"]]
+    for w in prompt:
+        ids.extend([vocab["<image>"]] * N_VISUAL if w == "<image>" else [vocab[w]])
+    start = len(ids)
+    ids += [vocab[w] for w in a.split()] + [vocab["</s>"]]
+    return ids, start, render(scene), patch_labels(scene), task
+
+
+def collate(examples, pad_id: int):
+    n = max(len(e[0]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, (x, start, *_rest) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+        # label at position t is the token at t+1 (next-token prediction)
+        labels[i, start - 1 : len(x) - 1] = torch.tensor(x[start:])
+    pix = torch.from_numpy(np.stack([pixels(e[2]) for e in examples]))
+    aux = torch.from_numpy(np.stack([e[3] for e in examples]))
+    return ids, mask, labels, pix, aux
+
+
+def forward(model, heads, ids, mask, pix, image_token_id):
+    feats = model.model.get_image_features(pixel_values=pix)
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat(list(feats), 0)
+    feats = feats.reshape(ids.shape[0], N_VISUAL, -1)
+    emb = model.get_input_embeddings()(ids)
+    img_mask = (ids == image_token_id).unsqueeze(-1).expand_as(emb)
+    emb = emb.masked_scatter(img_mask, feats.to(emb.dtype))
+    out = model(inputs_embeds=emb, attention_mask=mask)
+    return out.logits, heads(feats)
+
+
+class AuxHeads(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, sum(AUX_SIZES.values()))
+
+    def forward(self, feats):
+        return torch.split(self.proj(feats), list(AUX_SIZES.values()), dim=-1)
+
+
+def lr_at(step: int, base: float, total: int, warmup: int = 300) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 * base + 0.9 * base * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def evaluate(model, vocab, n_per_task: int = 50, batch: int = 50) -> dict:
+    """Greedy first-answer-token accuracy per task on held-out seeds (not the test split)."""
+    model.eval()
+    inv = {i: w for w, i in vocab.items()}
+    res = {}
+    for t_i, task in enumerate(TASKS):
+        exs = []
+        seed = VAL_SEED + t_i * 100000
+        while len(exs) < n_per_task:
+            rng = random.Random(seed)
+            scene = make_scene(seed)
+            qa = make_question(scene, task, rng)
+            seed += 1
+            if qa is None:
+                continue
+            ids = [vocab["<s>"]]
+            for w in prompt_text(qa["question"]).split():
+                ids.extend([vocab["<image>"]] * N_VISUAL if w == "<image>" else [vocab[w]])
+            exs.append((ids, len(ids), render(scene), patch_labels(scene), qa["answer"]))
+        correct = 0
+        for b in range(0, len(exs), batch):
+            chunk = exs[b : b + batch]
+            ids, mask, _, pix, _ = collate([(e[0], e[1], e[2], e[3]) for e in chunk], vocab["<pad>"])
+            feats = model.model.get_image_features(pixel_values=pix)
+            feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+            if isinstance(feats, (list, tuple)):
+                feats = torch.cat(list(feats), 0)
+            emb = model.get_input_embeddings()(ids)
+            m = (ids == vocab["<image>"]).unsqueeze(-1).expand_as(emb)
+            emb = emb.masked_scatter(m, feats.reshape(-1, feats.shape[-1]).to(emb.dtype))
+            logits = model(inputs_embeds=emb, attention_mask=mask).logits
+            last = mask.sum(1) - 1
+            pred = logits[torch.arange(len(chunk)), last].argmax(-1).tolist()
+            correct += sum(inv[p] == e[4] for p, e in zip(pred, chunk))
+        res[task] = correct / len(exs)
+    res["overall"] = sum(res[t] for t in TASKS) / len(TASKS)
+    model.train()
+    return res
+
+
+def save_hf(model, tokenizer, processor, out: Path, info: dict):
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    # keep the model card (README.md) if present
+    if (out / "README.md").exists():
+        (tmp / "README.md").write_bytes((out / "README.md").read_bytes())
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m calib_data.shapes.train")
+    ap.add_argument("--out", type=Path, default=Path("models/shapes-llava"))
+    ap.add_argument("--state", type=Path, default=Path("models/shapes-llava-train"))
+    ap.add_argument("--total-steps", type=int, default=24000)
+    ap.add_argument("--stop-after", type=int, default=None, help="stop at this step (resume later)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--aux-weight", type=float, default=0.5)
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+
+    from safetensors.torch import load_file, save_file
+    from transformers import LlavaForConditionalGeneration
+
+    tok = build_tokenizer()
+    proc = build_processor(tok)
+    vocab = tok.get_vocab()
+    cfg = build_config(tok)
+    model = LlavaForConditionalGeneration(cfg)
+    heads = AuxHeads(cfg.text_config.hidden_size)
+    a.state.mkdir(parents=True, exist_ok=True)
+    state_w, state_o, state_j = a.state / "weights.safetensors", a.state / "optim.pt", a.state / "state.json"
+    step = 0
+    log = []
+    opt = torch.optim.AdamW(
+        list(model.parameters()) + list(heads.parameters()), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98)
+    )
+    if state_j.exists():
+        sd = load_file(str(state_w))
+        model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
+        heads.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("heads.")})
+        opt.load_state_dict(torch.load(state_o, weights_only=True))
+        st = json.loads(state_j.read_text())
+        step, log = st["step"], st["log"]
+        print(f"resumed at step {step}", flush=True)
+    else:
+        with torch.no_grad():
+            emb = model.get_input_embeddings()
+            emb.weight.normal_(0.0, 1.0)
+            # rescale the projector so image tokens enter the decoder at RMS ~1
+            exs = [make_example(10**8 + i, vocab) for i in range(16)]
+            _, _, _, pix, _ = collate(exs, vocab["<pad>"])
+            f = model.model.get_image_features(pixel_values=pix)
+            f = f.pooler_output if hasattr(f, "pooler_output") else f
+            f = torch.cat(list(f), 0) if isinstance(f, (list, tuple)) else f
+            rms = f.pow(2).mean().sqrt().item()
+            model.model.multi_modal_projector.linear_2.weight.mul_(1.0 / rms)
+            model.model.multi_modal_projector.linear_2.bias.mul_(1.0 / rms)
+            print(f"init: projector output RMS {rms:.3f} -> 1", flush=True)
+
+    def save_state():
+        sd = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+        sd.update({f"heads.{k}": v.contiguous() for k, v in heads.state_dict().items()})
+        save_file(sd, str(state_w) + ".tmp")
+        torch.save(opt.state_dict(), str(state_o) + ".tmp")
+        os.replace(str(state_w) + ".tmp", state_w)
+        os.replace(str(state_o) + ".tmp", state_o)
+        state_j.write_text(json.dumps({"step": step, "log": log, "args": {k: str(v) for k, v in vars(a).items()}}, indent=0))
+
+    model.train()
+    t0, ema = time.time(), None
+    stop = min(a.total_steps, a.stop_after or a.total_steps)
+    while step < stop:
+        exs = [make_example((step * a.batch + j) % TRAIN_SEED_LIMIT, vocab) for j in range(a.batch)]
+        ids, mask, labels, pix, aux = collate(exs, vocab["<pad>"])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.lr, a.total_steps)
+        logits, aux_logits = forward(model, heads, ids, mask, pix, vocab["<image>"])
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        aux_loss = sum(F.cross_entropy(al.reshape(-1, al.shape[-1]), aux[:, i].reshape(-1)) for i, al in enumerate(aux_logits))
+        loss = lm + a.aux_weight * aux_loss / len(aux_logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
+        opt.step()
+        step += 1
+        ema = lm.item() if ema is None else 0.98 * ema + 0.02 * lm.item()
+        if step % 50 == 0:
+            dt = time.time() - t0
+            print(f"step {step} lm {ema:.4f} aux {aux_loss.item() / 5:.4f} lr {lr_at(step, a.lr, a.total_steps):.2e} {dt / 50:.2f}s/step", flush=True)
+            t0 = time.time()
+        if step % a.eval_every == 0 or step == stop:
+            acc = evaluate(model, vocab)
+            log.append({"step": step, "lm": round(ema, 4), **{k: round(v, 3) for k, v in acc.items()}})
+            print("eval", json.dumps(log[-1]), flush=True)
+            save_hf(model, tok, proc, a.out, {"step": step, "log": log, "settings": {k: str(v) for k, v in vars(a).items() if k not in ("out", "state", "stop_after", "threads")}})
+        if step % a.save_every == 0 or step == stop:
+            save_state()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
