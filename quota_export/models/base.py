@@ -1,0 +1,83 @@
+"""The adapter interface and the family-neutral decoder description."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class DecoderSpec:
+    """What the reference and the lowering need to know of a Llama-style decoder."""
+
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rms_eps: float
+    rope_theta: float
+    eos_token_id: int
+    module_prefix: str  # e.g. "model.language_model" (for names like <prefix>.layers.3.self_attn.q_proj)
+
+
+@dataclass
+class Prompt:
+    """One prompt ready for the model: ids, pixels, and where the visual tokens sit."""
+
+    input_ids: torch.Tensor  # [1, T] int64
+    pixel_values: torch.Tensor  # [1, 3, H, W] float32
+    visual_start: int
+    n_visual: int
+
+
+class Adapter:
+    architecture: str = ""
+
+    def __init__(self, model, processor, path: Path):
+        self.model = model.eval()
+        self.processor = processor
+        self.path = Path(path)
+
+    @classmethod
+    def from_pretrained(cls, path: Path) -> "Adapter":
+        raise NotImplementedError
+
+    # --- what every family provides
+    def decoder_spec(self) -> DecoderSpec:
+        raise NotImplementedError
+
+    def layers(self):
+        raise NotImplementedError
+
+    def final_norm(self):
+        raise NotImplementedError
+
+    def lm_head(self):
+        raise NotImplementedError
+
+    def embed_tokens(self):
+        raise NotImplementedError
+
+    def inv_freq(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def n_visual(self) -> int:
+        raise NotImplementedError
+
+    def prompt(self, image: np.ndarray, question: str) -> Prompt:
+        raise NotImplementedError
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def module_names(self) -> list[str]:
+        return [n for n, _ in self.model.named_modules()]

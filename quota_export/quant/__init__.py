@@ -1,0 +1,1 @@
+"""Quantizer primitives, rotation, weight algorithms (RTN, GPTQ), KV-cache quantizer."""

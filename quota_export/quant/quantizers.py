@@ -1,0 +1,150 @@
+"""Quantizer primitives, numerically identical to ONNX QuantizeLinear / DequantizeLinear.
+
+ONNX:  q = saturate(round_half_even(x / scale) + zero_point);  x' = (q - zero_point) * scale
+Here every scale is computed with the same fp32 ops, in the same order, as the graphs compute
+it (see lower/onnx_ops.py), so the reference and the graphs agree bit for bit.
+
+    granularity     scale shape (x: [..., n])     used for
+    per-token       [..., 1]  (dynamic, in-graph)  activations
+    per-tensor      []        (static constant)    activations (static)
+    per-channel     [out, 1]                       weights ([out, in] torch layout)
+    per-group g     [out, in/g]                    weights (blocked along in)
+    kv group g      [..., n/g] asymmetric          KV cache (keys after RoPE)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EPS = 1e-8  # floor of a dynamic range, so an all-zero row quantizes to zeros, not NaN
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    if bits not in (4, 8):
+        raise ValueError(f"unsupported bit width {bits} (supported: 4, 8)")
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point, bits: int, signed: bool) -> torch.Tensor:
+    """ONNX QuantizeLinear; returns the integers as x's float dtype."""
+    lo, hi = qrange(bits, signed)
+    q = torch.round(x / scale)  # torch.round is round-half-to-even, as ONNX specifies
+    if zero_point is not None:
+        q = q + zero_point
+    return q.clamp(lo, hi)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point=None) -> torch.Tensor:
+    return (q - zero_point) * scale if zero_point is not None else q * scale
+
+
+# ---------------------------------------------------------------- activations
+
+
+def act_scale_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-token scale: max(|x|, EPS) / qmax over the last axis (keepdim)."""
+    _, hi = qrange(bits, True)
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    return torch.clamp(amax, min=EPS) / float(hi)
+
+
+def fake_quant_act(x: torch.Tensor, bits: int, static_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize activations: dynamic per-token, or static per-tensor if a scale is given."""
+    s = act_scale_per_token(x, bits) if static_scale is None else static_scale
+    return dequantize(quantize(x, s, None, bits, True), s)
+
+
+# ---------------------------------------------------------------- weights
+
+
+@dataclass
+class QWeight:
+    """An integer weight in torch layout [out, in] with blocked scales [out, in // group]."""
+
+    q: torch.Tensor  # int8 holding 4- or 8-bit values
+    scale: torch.Tensor  # fp32 [out, n_groups]
+    zero_point: torch.Tensor | None  # uint8 [out, n_groups] (asymmetric) or None
+    bits: int
+    group_size: int
+
+    def dequant(self) -> torch.Tensor:
+        s = self.scale.repeat_interleave(self.group_size, dim=1)
+        q = self.q.float()
+        if self.zero_point is None:
+            return q * s
+        return (q - self.zero_point.float().repeat_interleave(self.group_size, dim=1)) * s
+
+
+def weight_scales(w: torch.Tensor, bits: int, symmetric: bool, group_size: int):
+    """(scale, zero_point) per output row and input group for w [out, in]."""
+    out, n = w.shape
+    if n % group_size:
+        raise ValueError(f"in-features {n} not divisible by group_size {group_size}")
+    g = w.float().reshape(out, n // group_size, group_size)
+    if symmetric:
+        _, hi = qrange(bits, True)
+        scale = torch.clamp(g.abs().amax(-1), min=EPS) / float(hi)
+        return scale, None
+    lo, hi = qrange(bits, False)
+    mn = torch.clamp(g.amin(-1), max=0.0)
+    mx = torch.clamp(g.amax(-1), min=0.0)
+    scale = torch.clamp(mx - mn, min=EPS) / float(hi)
+    zp = torch.clamp(torch.round(-mn / scale), lo, hi)
+    return scale, zp
+
+
+def quantize_weight(
+    w: torch.Tensor, bits: int, symmetric: bool, group_size: int, scale=None, zero_point=None
+) -> QWeight:
+    """Round-to-nearest with the given (or min/max) scales; w [out, in]."""
+    if scale is None:
+        scale, zero_point = weight_scales(w, bits, symmetric, group_size)
+    s = scale.repeat_interleave(group_size, dim=1)
+    zp = None if zero_point is None else zero_point.repeat_interleave(group_size, dim=1)
+    q = quantize(w.float(), s, zp, bits, symmetric)
+    return QWeight(
+        q=q.to(torch.int8 if symmetric else torch.uint8),
+        scale=scale.float(),
+        zero_point=None if zero_point is None else zero_point.to(torch.uint8),
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+def kv_params(x: torch.Tensor, bits: int, group_size: int):
+    """Asymmetric per-token scales over groups of the last axis: x [..., d] -> [..., d/g] each."""
+    *lead, d = x.shape
+    if d % group_size:
+        raise ValueError(f"head_dim {d} not divisible by kv group_size {group_size}")
+    _, hi = qrange(bits, False)
+    g = x.reshape(*lead, d // group_size, group_size)
+    mn = g.amin(-1)
+    mx = g.amax(-1)
+    scale = torch.clamp(mx - mn, min=EPS) / float(hi)
+    zp = torch.clamp(torch.round(-mn / scale), 0, hi)
+    return scale, zp
+
+
+def kv_quantize(x: torch.Tensor, bits: int, group_size: int):
+    """x [..., d] -> (q uint8 [..., d], scale fp32 [..., d/g], zero_point uint8 [..., d/g])."""
+    scale, zp = kv_params(x, bits, group_size)
+    s = scale.repeat_interleave(group_size, dim=-1)
+    z = zp.repeat_interleave(group_size, dim=-1)
+    q = quantize(x, s, z, bits, False)
+    return q.to(torch.uint8), scale, zp.to(torch.uint8)
+
+
+def kv_dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, group_size: int) -> torch.Tensor:
+    s = scale.repeat_interleave(group_size, dim=-1)
+    z = zp.float().repeat_interleave(group_size, dim=-1)
+    return (q.float() - z) * s
+
+
+def fake_quant_kv(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    q, s, z = kv_quantize(x, bits, group_size)
+    return kv_dequantize(q, s, z, group_size)

@@ -1,0 +1,336 @@
+"""The deployed model in PyTorch: fake-quant + pruning exactly as the graphs compute them.
+
+This is the single source of truth every artifact is checked against. It runs the decoder by
+hand from the HF module weights (not through HF's forward) so that each op matches a graph op:
+
+    h = embeds                                     # [1, T, D], visual tokens at [s, s+n)
+    for layer l:
+        if a pruning stage sits at l:              # score the n current visual tokens
+            s_i = w_m m_i/σ_m + w_a a_i/σ_a - w_r r_i/σ_r
+            keep = stable top-k (lower index wins ties), ascending
+            h, pos = text ++ h[s + keep] ++ text   # original position ids are kept
+        x  = Q_A(rmsnorm(h));  q, k, v = x W_q, x W_k, x W_v   (W = DQ(Q_W(W)))
+        q, k = rope(q, k, pos);  k, v = DQ(Q_KV(k)), DQ(Q_KV(v))   -> this layer's cache
+        h += Q_A(softmax(q k^T / sqrt(d) + causal) v) W_o
+        x  = Q_A(rmsnorm(h));  h += Q_A(silu(x W_g) * x W_u) W_d
+    logits = rmsnorm(h[-1]) W_lm
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from quota_export.models.base import Adapter
+from quota_export.prune.topk import stable_topk
+from quota_export.quant.quantizers import (
+    QWeight,
+    fake_quant_act,
+    kv_dequantize,
+    kv_quantize,
+    quantize_weight,
+)
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class StageCfg:
+    layer: int
+    keep: int
+    w: tuple[float, float, float]  # magnitude, attention, risk
+    sigma: tuple[float, float, float]
+
+
+@dataclass
+class DeployConfig:
+    """The numerics of a recipe, flattened for the reference and the lowering."""
+
+    w_bits: int = 16
+    w_symmetric: bool = True
+    w_group: int | None = 32  # None = per channel
+    w_algorithm: str = "rtn"
+    targets: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
+    a_bits: int = 16
+    kv_bits: int = 16
+    kv_group: int | None = None  # None = head_dim
+    stages: list[StageCfg] = field(default_factory=list)
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "DeployConfig":
+        w, a, kv = recipe.resolved_quant()
+        if a.bits < 16 and a.granularity != "token":
+            from quota_export import UserError
+
+            raise UserError("quant.activations.granularity: only 'token' (dynamic per-token) is implemented")
+        if a.rotation != "none":
+            from quota_export import UserError
+
+            raise UserError("quant.activations.rotation: 'hadamard' is not lowered yet; use 'none'")
+        return cls(
+            w_bits=w.bits,
+            w_symmetric=w.symmetric,
+            w_group=w.group_size if w.granularity == "group" else None,
+            w_algorithm=w.algorithm,
+            targets=list(w.targets),
+            ignore=list(w.ignore),
+            a_bits=a.bits,
+            kv_bits=kv.bits,
+            kv_group=kv.group_size,
+            stages=[
+                StageCfg(
+                    s.layer,
+                    s.keep,
+                    (s.weights.magnitude, s.weights.attention, s.weights.risk),
+                    (s.sigma.magnitude, s.sigma.attention, s.sigma.risk),
+                )
+                for s in recipe.pruning.stages
+            ],
+        )
+
+
+def quantized_module_names(names: list[str], cfg: DeployConfig) -> list[str]:
+    if cfg.w_bits >= 16:
+        return []
+    out = []
+    for n in names:
+        if any(re.search(p, n) for p in cfg.targets) and not any(re.search(p, n) for p in cfg.ignore):
+            out.append(n)
+    return out
+
+
+def rtn_weights(adapter: Adapter, cfg: DeployConfig) -> dict[str, QWeight]:
+    mods = dict(adapter.model.named_modules())
+    res = {}
+    for n in quantized_module_names(list(mods), cfg):
+        w = mods[n].weight.detach().float()
+        res[n] = quantize_weight(w, cfg.w_bits, cfg.w_symmetric, cfg.w_group or w.shape[1])
+    return res
+
+
+@dataclass
+class LayerKV:
+    """One layer's cache at its quantized width: q uint8 [1,kvh,T,d], scale/zp [1,kvh,T,d/g]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_q: tuple | None = None  # (q, scale, zp) when quantized
+    v_q: tuple | None = None
+
+
+@dataclass
+class PrefillOut:
+    logits: torch.Tensor  # [1, V] last position
+    cache: list[LayerKV]
+    kept: list[torch.Tensor]  # per stage: [1, k] original visual indices, ascending
+    scores: list[torch.Tensor]  # per stage: [1, n_current]
+    position_ids: torch.Tensor  # [1, T'] after the last stage
+
+
+def rmsnorm(x, weight, eps):
+    v = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(v + eps))
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Deployed:
+    """Adapter + DeployConfig (+ calibrated weights) -> the deployed forward and generate."""
+
+    def __init__(self, adapter: Adapter, cfg: DeployConfig, qweights: dict[str, QWeight] | None = None):
+        self.adapter = adapter
+        self.cfg = cfg
+        self.spec = adapter.decoder_spec()
+        self.qweights = rtn_weights(adapter, cfg) if qweights is None else qweights
+        mods = dict(adapter.model.named_modules())
+        pre = self.spec.module_prefix
+        self.W: list[dict[str, torch.Tensor]] = []
+        self.quantized: list[dict[str, bool]] = []
+        for i in range(self.spec.num_layers):
+            d, qd = {}, {}
+            for lin in LINEARS:
+                name = f"{pre}.layers.{i}.{lin}"
+                qw = self.qweights.get(name)
+                d[lin] = qw.dequant() if qw is not None else mods[name].weight.detach().float()
+                qd[lin] = qw is not None
+            self.W.append(d)
+            self.quantized.append(qd)
+        layers = adapter.layers()
+        self.ln1 = [l.input_layernorm.weight.detach().float() for l in layers]
+        self.ln2 = [l.post_attention_layernorm.weight.detach().float() for l in layers]
+        self.norm = adapter.final_norm().weight.detach().float()
+        self.lm_head = adapter.lm_head().weight.detach().float()
+        self.inv_freq = adapter.inv_freq()
+        self.stage_at = {s.layer: s for s in cfg.stages}
+
+    # ------------------------------------------------------------ pieces shared with calibration
+    def act(self, x, layer: int, lin: str):
+        if self.cfg.a_bits < 16 and self.quantized[layer][lin]:
+            return fake_quant_act(x, self.cfg.a_bits)
+        return x
+
+    def rope(self, x, pos):
+        freqs = pos[..., None].float() * self.inv_freq  # [1, T, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [1, 1, T, d]
+        return x * cos + rotate_half(x) * sin
+
+    def kv(self, x):
+        """Fake-quantize a key/value tensor [1, kvh, T, d]; returns (x', (q, scale, zp) | None)."""
+        if self.cfg.kv_bits >= 16:
+            return x, None
+        g = self.cfg.kv_group or x.shape[-1]
+        q, s, z = kv_quantize(x, self.cfg.kv_bits, g)
+        return kv_dequantize(q, s, z, g), (q, s, z)
+
+    def qkv(self, layer: int, h, pos):
+        """(normed+quantized input x, q, k', v', k fp, v fp, k quant, v quant)."""
+        sp = self.spec
+        W = self.W[layer]
+        xn = rmsnorm(h, self.ln1[layer], sp.rms_eps)
+        B, T, _ = h.shape
+        x = self.act(xn, layer, "self_attn.q_proj")
+        q = (x @ W["self_attn.q_proj"].T).view(B, T, sp.heads, sp.head_dim).transpose(1, 2)
+        k = (x @ W["self_attn.k_proj"].T).view(B, T, sp.kv_heads, sp.head_dim).transpose(1, 2)
+        v = (x @ W["self_attn.v_proj"].T).view(B, T, sp.kv_heads, sp.head_dim).transpose(1, 2)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        kd, kq = self.kv(k)
+        vd, vq = self.kv(v)
+        return xn, x, q, kd, vd, k, v, kq, vq
+
+    def attend(self, q, k, v, causal_offset: int | None):
+        """q [1,H,Tq,d], k/v [1,kvh,Tk,d] -> probs [1,H,Tq,Tk], out [1,H,Tq,d]."""
+        rep = self.spec.heads // self.spec.kv_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        s = (q @ k.transpose(-1, -2)) * (self.spec.head_dim**-0.5)
+        if causal_offset is not None:
+            Tq, Tk = s.shape[-2], s.shape[-1]
+            i = torch.arange(Tq)[:, None] + causal_offset
+            j = torch.arange(Tk)[None, :]
+            s = s.masked_fill(j > i, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        return p, p @ v
+
+    def mlp(self, layer: int, h):
+        W = self.W[layer]
+        x = self.act(rmsnorm(h, self.ln2[layer], self.spec.rms_eps), layer, "mlp.gate_proj")
+        g = x @ W["mlp.gate_proj"].T
+        u = x @ W["mlp.up_proj"].T
+        a = torch.nn.functional.silu(g) * u
+        return self.act(a, layer, "mlp.down_proj") @ W["mlp.down_proj"].T
+
+    def layer(self, layer: int, h, pos):
+        sp = self.spec
+        _, _, q, kd, vd, _, _, kq, vq = self.qkv(layer, h, pos)
+        _, o = self.attend(q, kd, vd, causal_offset=0)
+        B, T = h.shape[:2]
+        o = o.transpose(1, 2).reshape(B, T, sp.heads * sp.head_dim)
+        h = h + self.act(o, layer, "self_attn.o_proj") @ self.W[layer]["self_attn.o_proj"].T
+        h = h + self.mlp(layer, h)
+        return h, LayerKV(kd, vd, kq, vq)
+
+    # ------------------------------------------------------------ scoring
+    def signals(self, layer: int, h, pos, start: int, n: int):
+        """Per visual token: magnitude, attention from the text after the span, low-bit risk."""
+        xn, x, q, kd, vd, k, v, _, _ = self.qkv(layer, h, pos)
+        vis = slice(start, start + n)
+        mag = h[:, vis].norm(dim=-1)  # [1, n]
+        T = h.shape[1]
+        qt = q[:, :, start + n : T]  # instruction (text) queries after the image
+        p, _ = self.attend(qt, kd, vd, causal_offset=start + n)
+        att = p[..., vis].mean(dim=(1, 2))  # [1, n]
+        xv = xn[:, vis]
+        risk = (x[:, vis] - xv).norm(dim=-1) / xv.norm(dim=-1).clamp_min(1e-12)
+        if self.cfg.kv_bits < 16:
+            for fq, fp in ((kd, k), (vd, v)):
+                num = (fq[:, :, vis] - fp[:, :, vis]).pow(2).sum(dim=(1, 3)).sqrt()
+                den = fp[:, :, vis].pow(2).sum(dim=(1, 3)).sqrt().clamp_min(1e-12)
+                risk = risk + num / den
+        return mag, att, risk
+
+    def score(self, stage, layer, h, pos, start, n):
+        mag, att, risk = self.signals(layer, h, pos, start, n)
+        (wm, wa, wr), (sm, sa, sr) = stage.w, stage.sigma
+        return (wm / sm) * mag + (wa / sa) * att - (wr / sr) * risk
+
+    # ------------------------------------------------------------ forward / generate
+    @torch.no_grad()
+    def prefill(self, embeds, pos, start: int, n: int, keep_fn=None) -> PrefillOut:
+        """embeds [1,T,D] float, pos [1,T] int64. `keep_fn(stage, layer, h, pos, start, n)`, if
+        given, replaces the recipe's scorer (used by the stage-wise baselines), returning [1,k]."""
+        h = embeds.float()
+        orig = torch.arange(n)[None]
+        cache, kept, scores = [], [], []
+        for l in range(self.spec.num_layers):
+            st = self.stage_at.get(l)
+            if st is not None:
+                if keep_fn is not None:
+                    idx, s = keep_fn(st, l, h, pos, start, n), None
+                else:
+                    s = self.score(st, l, h, pos, start, n)
+                    idx = stable_topk(s, st.keep)
+                h = torch.cat([h[:, :start], h[:, start + idx[0]], h[:, start + n :]], dim=1)
+                pos = torch.cat([pos[:, :start], pos[:, start + idx[0]], pos[:, start + n :]], dim=1)
+                orig = orig[:, idx[0]]
+                kept.append(orig.clone())
+                scores.append(s)
+                n = st.keep
+            h, kv = self.layer(l, h, pos)
+            cache.append(kv)
+        hl = rmsnorm(h[:, -1], self.norm, self.spec.rms_eps)
+        return PrefillOut(hl @ self.lm_head.T, cache, kept, scores, pos)
+
+    @torch.no_grad()
+    def decode(self, emb, pos, cache: list[LayerKV]):
+        """One step: emb [1,1,D], pos [1,1]; appends to each layer's cache in place."""
+        sp = self.spec
+        h = emb.float()
+        for l in range(sp.num_layers):
+            _, _, q, kd, vd, _, _, _, _ = self.qkv(l, h, pos)
+            c = cache[l]
+            c.k = torch.cat([c.k, kd], dim=2)
+            c.v = torch.cat([c.v, vd], dim=2)
+            _, o = self.attend(q, c.k, c.v, causal_offset=None)
+            o = o.transpose(1, 2).reshape(1, 1, sp.heads * sp.head_dim)
+            h = h + self.act(o, l, "self_attn.o_proj") @ self.W[l]["self_attn.o_proj"].T
+            h = h + self.mlp(l, h)
+        hl = rmsnorm(h[:, -1], self.norm, sp.rms_eps)
+        return hl @ self.lm_head.T
+
+    def embed_prompt(self, prompt):
+        """Merged embeddings [1,T,D] of a Prompt (vision features scattered into the span)."""
+        feats = self.adapter.vision_features(prompt.pixel_values)
+        with torch.no_grad():
+            emb = self.adapter.embed_tokens()(prompt.input_ids).float()
+        emb[:, prompt.visual_start : prompt.visual_start + prompt.n_visual] = feats[0]
+        return emb
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens: int = 8, keep_fn=None):
+        """Greedy decode. Returns (token ids, PrefillOut)."""
+        emb = self.embed_prompt(prompt)
+        T = emb.shape[1]
+        pos = torch.arange(T)[None]
+        out = self.prefill(emb, pos, prompt.visual_start, prompt.n_visual, keep_fn=keep_fn)
+        toks = []
+        logits = out.logits
+        next_pos = T
+        emb_layer = self.adapter.embed_tokens()
+        for _ in range(max_new_tokens):
+            t = int(logits.argmax(-1))
+            toks.append(t)
+            if t == self.spec.eos_token_id:
+                break
+            e = emb_layer(torch.tensor([[t]])).float()
+            logits = self.decode(e, torch.tensor([[next_pos]]), out.cache)
+            next_pos += 1
+        return toks, out
