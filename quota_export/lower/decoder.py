@@ -1,0 +1,439 @@
+"""Lower the deployed decoder (reference.py's numerics) into prefill and decode ONNX graphs.
+
+Every op here mirrors one op of `reference.Deployed`, in the same order and in fp32, so the
+graphs and the reference agree to float rounding (and bit for bit in every quantizer):
+
+    prefill:  inputs_embeds [1,T,D], position_ids [1,T]
+              -> per layer: [stage: score -> TopK(k) -> ascending -> Gather rows/positions]
+                            RMSNorm -> Q/DQ(int4, per-token) -> MatMul(DQ(int4 W)) ...
+              -> logits [1,V] (last position), present.{l}.{key,value}[...] , kept.{s} [1,k]
+    decode:   inputs_embeds [1,1,D], position_ids [1,1], past.{l}.* (lengths differ by layer)
+              -> logits [1,V], present.{l}.* (past ++ this step, at the quantized width)
+
+KV cache at the boundary (`kv_bits` 4 or 8, asymmetric, groups of g along head_dim):
+    q uint8 [1,kvh,T,d] (8-bit) or [1,kvh,T,d/2] (4-bit, two per byte: lo | hi << 4),
+    scale fp32 [1,kvh,T,d/g], zero uint8 [1,kvh,T,d/g];  fp32 [1,kvh,T,d] when unquantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from quota_export.lower.graph import FLOAT, INT64, UINT8, Graph
+from quota_export.quant.quantizers import EPS
+from quota_export.reference import LINEARS, Deployed
+
+SHORT = {
+    "self_attn.q_proj": "attn/q_proj",
+    "self_attn.k_proj": "attn/k_proj",
+    "self_attn.v_proj": "attn/v_proj",
+    "self_attn.o_proj": "attn/o_proj",
+    "mlp.gate_proj": "mlp/gate_proj",
+    "mlp.up_proj": "mlp/up_proj",
+    "mlp.down_proj": "mlp/down_proj",
+}
+
+
+@dataclass
+class KVNames:
+    """Names of one layer's cache tensors (key or value) in a graph."""
+
+    q: str
+    scale: str | None = None
+    zero: str | None = None
+
+
+def kv_io_names(prefix: str, l: int, which: str, quantized: bool) -> list[str]:
+    base = f"{prefix}.{l}.{which}"
+    return [base, f"{base}_scale", f"{base}_zero"] if quantized else [base]
+
+
+class DecoderLowering:
+    def __init__(self, dep: Deployed, n_visual: int, visual_start: int):
+        self.dep = dep
+        self.spec = dep.spec
+        self.cfg = dep.cfg
+        self.n_visual = n_visual
+        self.visual_start = visual_start
+        self._w_cache: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ primitives
+    def ax(self, g: Graph, axes):
+        return g.const(list(axes), np.int64)
+
+    def rmsnorm(self, g: Graph, x, w: np.ndarray, name: str):
+        """x * rsqrt(mean(x^2) + eps) * w"""
+        with g.scope(name):
+            sq = g.op("Mul", [x, x], name="Pow")
+            v = g.op("ReduceMean", [sq, self.ax(g, [-1])], keepdims=1)
+            r = g.op("Sqrt", [g.op("Add", [v, g.const(self.spec.rms_eps)])])
+            r = g.op("Reciprocal", [r])
+            y = g.op("Mul", [x, r])
+            return g.op("Mul", [g.init("weight", w.astype(np.float32)), y], name="MulWeight")
+
+    def act_qdq(self, g: Graph, x, dim: int, name: str):
+        """INT4/INT8 per-token dynamic symmetric Q/DQ, scale computed in the graph.
+
+        x -> Abs -> ReduceMax(-1) -> Max(eps) -> Div(qmax) = s;  DQ(Q(x, s), s) (blocked, block=dim)
+        """
+        bits = self.cfg.a_bits
+        qmax = 2 ** (bits - 1) - 1
+        with g.scope(name):
+            a = g.op("Abs", [x])
+            m = g.op("ReduceMax", [a, self.ax(g, [-1])], keepdims=1)
+            m = g.op("Max", [m, g.const(EPS)])
+            s = g.op("Div", [m, g.const(float(qmax))], name="Scale")
+            dt = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
+            q = g.op("QuantizeLinear", [x, s], axis=-1, block_size=dim, output_dtype=dt)
+            return g.op("DequantizeLinear", [q, s], axis=-1, block_size=dim)
+
+    def weight(self, g: Graph, l: int, lin: str):
+        """The MatMul B operand: DQ(int4 blocked const) or an fp32 constant, [in, out]."""
+        key = f"{l}.{lin}"
+        if key in self._w_cache:
+            return self._w_cache[key]
+        name = f"{self.spec.module_prefix}.layers.{l}.{lin}"
+        qw = self.dep.qweights.get(name)
+        with g.scope(f"model/layers.{l}/{SHORT[lin]}"):
+            if qw is None:
+                out = g.init("weight", self.dep.W[l][lin].T.numpy().astype(np.float32))
+            else:
+                q = qw.q.numpy().T  # [in, out]
+                sc = g.init("scale", qw.scale.numpy().T.astype(np.float32))  # [in/g, out]
+                if qw.zero_point is None:
+                    qi = g.init_int4("weight_q", q) if qw.bits == 4 else g.init("weight_q", q.astype(np.int8))
+                    ins = [qi, sc]
+                else:
+                    if qw.bits == 4:
+                        full = g._full("weight_q")
+                        g.inits.append(onnx.helper.make_tensor(full, onnx.TensorProto.UINT4, list(q.shape), q.astype(np.uint8).flatten().tolist()))
+                        zfull = g._full("zero_point")
+                        zp = qw.zero_point.numpy().T
+                        g.inits.append(onnx.helper.make_tensor(zfull, onnx.TensorProto.UINT4, list(zp.shape), zp.astype(np.uint8).flatten().tolist()))
+                        ins = [full, sc, zfull]
+                    else:
+                        ins = [g.init("weight_q", q.astype(np.uint8)), sc, g.init("zero_point", qw.zero_point.numpy().T.astype(np.uint8))]
+                out = g.op("DequantizeLinear", ins, axis=0, block_size=qw.group_size)
+        self._w_cache[key] = out
+        return out
+
+    def linear(self, g: Graph, x, l: int, lin: str, x_q=None):
+        """MatMul with (optionally) quantized input; `x_q` reuses an already quantized input."""
+        quant = self.dep.quantized[l][lin] and self.cfg.a_bits < 16
+        if quant and x_q is None:
+            dim = self.dep.W[l][lin].shape[1]
+            x_q = self.act_qdq(g, x, dim, f"model/layers.{l}/{SHORT[lin]}/input_quant")
+        xin = x_q if quant else x
+        with g.scope(f"model/layers.{l}/{SHORT[lin]}"):
+            return g.op("MatMul", [xin, self.weight(g, l, lin)])
+
+    def heads(self, g: Graph, x, n_heads: int, name: str):
+        """[1,T,n*d] -> [1,n,T,d]"""
+        with g.scope(name):
+            r = g.op("Reshape", [x, g.const([1, -1, n_heads, self.spec.head_dim], np.int64)])
+            return g.op("Transpose", [r], perm=[0, 2, 1, 3])
+
+    def rope_tables(self, g: Graph, pos, name: str):
+        """position_ids [1,T] -> cos, sin [1,1,T,d]"""
+        with g.scope(name):
+            p = g.op("Cast", [pos], to=FLOAT)
+            p = g.op("Unsqueeze", [p, self.ax(g, [-1])])
+            f = g.op("Mul", [p, g.init("inv_freq", self.dep.inv_freq.numpy().astype(np.float32))])
+            e = g.op("Concat", [f, f], axis=-1)
+            cos = g.op("Unsqueeze", [g.op("Cos", [e]), self.ax(g, [1])], name="cos")
+            sin = g.op("Unsqueeze", [g.op("Sin", [e]), self.ax(g, [1])], name="sin")
+            return cos, sin
+
+    def rope(self, g: Graph, x, cos, sin, name: str):
+        """x * cos + rotate_half(x) * sin"""
+        h = self.spec.head_dim // 2
+        with g.scope(name):
+            x1, x2 = g.op("Split", [x, g.const([h, h], np.int64)], axis=-1, n_out=2)
+            rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+            return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
+
+    def kv_quant(self, g: Graph, x, name: str):
+        """x [1,kvh,T,d] -> (x dequantized, KVNames at the boundary width)."""
+        bits = self.cfg.kv_bits
+        d = self.spec.head_dim
+        gs = self.cfg.kv_group or d
+        qmax = float(2**bits - 1)
+        with g.scope(name):
+            xg = g.op("Reshape", [x, g.const([1, self.spec.kv_heads, -1, d // gs, gs], np.int64)])
+            mn = g.op("ReduceMin", [xg, self.ax(g, [-1])], keepdims=1)
+            mx = g.op("ReduceMax", [xg, self.ax(g, [-1])], keepdims=1)
+            s = g.op("Div", [g.op("Max", [g.op("Sub", [mx, mn]), g.const(EPS)]), g.const(qmax)], name="Scale")
+            z = g.op("Round", [g.op("Div", [g.op("Neg", [mn]), s])])
+            z = g.op("Clip", [z, g.const(0.0), g.const(qmax)], name="ZeroPoint")
+            q = g.op("Add", [g.op("Round", [g.op("Div", [xg, s])]), z])
+            q = g.op("Clip", [q, g.const(0.0), g.const(qmax)], name="Quant")
+            deq = g.op("Mul", [g.op("Sub", [q, z]), s], name="Dequant")
+            deq = g.op("Reshape", [deq, g.const([1, self.spec.kv_heads, -1, d], np.int64)])
+            qu8 = g.op("Cast", [g.op("Reshape", [q, g.const([1, self.spec.kv_heads, -1, d], np.int64)])], to=UINT8)
+            if bits == 4:
+                qu8 = self.pack4(g, qu8)
+            s_out = g.op("Squeeze", [s, self.ax(g, [-1])], name="ScaleOut")
+            z_out = g.op("Cast", [g.op("Squeeze", [z, self.ax(g, [-1])])], to=UINT8, name="ZeroOut")
+            return deq, KVNames(qu8, s_out, z_out)
+
+    def pack4(self, g: Graph, q):
+        """uint8 [...,d] holding 0..15 -> [...,d/2]: even | odd << 4"""
+        with g.scope("pack4"):
+            r = g.op("Reshape", [q, g.const([1, self.spec.kv_heads, -1, self.spec.head_dim // 2, 2], np.int64)])
+            lo, hi = g.op("Split", [r, g.const([1, 1], np.int64)], axis=-1, n_out=2)
+            p = g.op("Add", [lo, g.op("Mul", [hi, g.const(16, np.uint8)])])
+            return g.op("Squeeze", [p, self.ax(g, [-1])])
+
+    def unpack4(self, g: Graph, p):
+        with g.scope("unpack4"):
+            hi = g.op("Div", [p, g.const(16, np.uint8)])
+            lo = g.op("Sub", [p, g.op("Mul", [hi, g.const(16, np.uint8)])])
+            st = g.op("Concat", [g.op("Unsqueeze", [lo, self.ax(g, [-1])]), g.op("Unsqueeze", [hi, self.ax(g, [-1])])], axis=-1)
+            return g.op("Reshape", [st, g.const([1, self.spec.kv_heads, -1, self.spec.head_dim], np.int64)])
+
+    def kv_dequant(self, g: Graph, names: KVNames, name: str):
+        """boundary cache tensors -> fp32 [1,kvh,T,d] (exactly (q - z) * s)."""
+        d = self.spec.head_dim
+        gs = self.cfg.kv_group or d
+        with g.scope(name):
+            q = names.q if self.cfg.kv_bits == 8 else self.unpack4(g, names.q)
+            qf = g.op("Reshape", [g.op("Cast", [q], to=FLOAT), g.const([1, self.spec.kv_heads, -1, d // gs, gs], np.int64)])
+            z = g.op("Unsqueeze", [g.op("Cast", [names.zero], to=FLOAT), self.ax(g, [-1])])
+            s = g.op("Unsqueeze", [names.scale, self.ax(g, [-1])])
+            x = g.op("Mul", [g.op("Sub", [qf, z]), s])
+            return g.op("Reshape", [x, g.const([1, self.spec.kv_heads, -1, d], np.int64)])
+
+    def repeat_kv(self, g: Graph, x, name: str):
+        rep = self.spec.heads // self.spec.kv_heads
+        if rep == 1:
+            return x
+        with g.scope(name):
+            u = g.op("Unsqueeze", [x, self.ax(g, [2])])
+            sh = g.op("Shape", [u])
+            t = g.op("Slice", [sh, self.ax(g, [3]), self.ax(g, [4])])
+            target = g.op("Concat", [g.const([1, self.spec.kv_heads, rep], np.int64), t, g.const([self.spec.head_dim], np.int64)], axis=0)
+            e = g.op("Expand", [u, target])
+            return g.op("Reshape", [e, g.const([1, self.spec.heads, -1, self.spec.head_dim], np.int64)])
+
+    def causal_mask(self, g: Graph, scores, offset: int | None, name: str):
+        """masked_fill(j > i + offset, -inf) on [1,H,Tq,Tk] scores; offset None = no mask."""
+        if offset is None:
+            return scores
+        with g.scope(name):
+            sh = g.op("Shape", [scores])
+            tq = g.op("Squeeze", [g.op("Slice", [sh, self.ax(g, [2]), self.ax(g, [3])]), self.ax(g, [0])])
+            tk = g.op("Squeeze", [g.op("Slice", [sh, self.ax(g, [3]), self.ax(g, [4])]), self.ax(g, [0])])
+            i = g.op("Range", [g.const(offset, np.int64), g.op("Add", [tq, g.const(offset, np.int64)]), g.const(1, np.int64)])
+            j = g.op("Range", [g.const(0, np.int64), tk, g.const(1, np.int64)])
+            cond = g.op("Greater", [g.op("Unsqueeze", [j, self.ax(g, [0])]), g.op("Unsqueeze", [i, self.ax(g, [1])])])
+            return g.op("Where", [cond, g.const(-np.inf), scores])
+
+    def attend(self, g: Graph, q, k, v, offset, name: str):
+        with g.scope(name):
+            k = self.repeat_kv(g, k, "repeat_k")
+            v = self.repeat_kv(g, v, "repeat_v")
+            s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])], name="QK")
+            s = g.op("Mul", [s, g.const(self.spec.head_dim**-0.5)])
+            s = self.causal_mask(g, s, offset, "mask")
+            p = g.op("Softmax", [s], axis=-1)
+            return p, g.op("MatMul", [p, v], name="PV")
+
+    # ------------------------------------------------------------------ blocks
+    def qkv(self, g: Graph, l: int, h, cos, sin):
+        sp = self.spec
+        xn = self.rmsnorm(g, h, self.dep.ln1[l].numpy(), f"model/layers.{l}/input_layernorm")
+        xq = None
+        if self.dep.quantized[l]["self_attn.q_proj"] and self.cfg.a_bits < 16:
+            xq = self.act_qdq(g, xn, sp.hidden, f"model/layers.{l}/attn/input_quant")
+        q = self.linear(g, xn, l, "self_attn.q_proj", xq)
+        k = self.linear(g, xn, l, "self_attn.k_proj", xq)
+        v = self.linear(g, xn, l, "self_attn.v_proj", xq)
+        q = self.rope(g, self.heads(g, q, sp.heads, f"model/layers.{l}/attn/q_heads"), cos, sin, f"model/layers.{l}/attn/q_rope")
+        k = self.rope(g, self.heads(g, k, sp.kv_heads, f"model/layers.{l}/attn/k_heads"), cos, sin, f"model/layers.{l}/attn/k_rope")
+        v = self.heads(g, v, sp.kv_heads, f"model/layers.{l}/attn/v_heads")
+        return xn, xq, q, k, v
+
+    def post_attn(self, g: Graph, l: int, h, o):
+        sp = self.spec
+        with g.scope(f"model/layers.{l}/attn"):
+            o = g.op("Reshape", [g.op("Transpose", [o], perm=[0, 2, 1, 3]), g.const([1, -1, sp.heads * sp.head_dim], np.int64)], name="merge_heads")
+        h = g.op("Add", [h, self.linear(g, o, l, "self_attn.o_proj")], name=f"model/layers.{l}/attn/residual")
+        xn = self.rmsnorm(g, h, self.dep.ln2[l].numpy(), f"model/layers.{l}/post_attention_layernorm")
+        xq = None
+        if self.dep.quantized[l]["mlp.gate_proj"] and self.cfg.a_bits < 16:
+            xq = self.act_qdq(g, xn, sp.hidden, f"model/layers.{l}/mlp/input_quant")
+        gt = self.linear(g, xn, l, "mlp.gate_proj", xq)
+        up = self.linear(g, xn, l, "mlp.up_proj", xq)
+        with g.scope(f"model/layers.{l}/mlp"):
+            a = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])], name="silu"), up], name="act")
+        down = self.linear(g, a, l, "mlp.down_proj")
+        return g.op("Add", [h, down], name=f"model/layers.{l}/mlp/residual")
+
+    def kv_store(self, g: Graph, l: int, k, v):
+        if self.cfg.kv_bits >= 16:
+            return k, v, KVNames(k), KVNames(v)
+        kd, kn = self.kv_quant(g, k, f"model/layers.{l}/attn/k_cache_quant")
+        vd, vn = self.kv_quant(g, v, f"model/layers.{l}/attn/v_cache_quant")
+        return kd, vd, kn, vn
+
+    def stage(self, g: Graph, si: int, st, l: int, h, pos, orig, n: int):
+        """Score the n visual tokens at [start, start+n), keep the top st.keep (ascending).
+
+            h ─┬─ signals(magnitude, attention, risk) ─ weighted sum = scores [1,n]
+               │   TopK(k, largest, sorted: lower index wins ties) -> idx -> TopK(idx, smallest) = ascending
+               └─ Concat(h[:, :s], Gather(h[:, s:s+n], idx), h[:, s+n:])   (same for position ids)
+        """
+        s0 = self.visual_start
+        sp = self.spec
+        with g.scope(f"model/layers.{l}/prune"):
+            cos, sin = self.rope_tables(g, pos, "rope")
+        xn, xq, q, k, v = self.qkv(g, l, h, cos, sin)
+        with g.scope(f"model/layers.{l}/prune"):
+            kd, vd, _, _ = self.kv_store(g, l, k, v)
+            sl = lambda t, a, b, axis: g.op("Slice", [t, self.ax(g, [a]), self.ax(g, [b]), self.ax(g, [axis])])
+            hv = sl(h, s0, s0 + n, 1)
+            mag = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [hv, hv]), self.ax(g, [-1])], keepdims=0)], name="magnitude")
+            qt = sl(q, s0 + n, 1 << 30, 2)
+            p, _ = self.attend(g, qt, kd, vd, s0 + n, "score_attn")
+            pv = sl(p, s0, s0 + n, 3)
+            att = g.op("ReduceMean", [pv, self.ax(g, [1, 2])], keepdims=0, name="attention")
+            score = None
+            (wm, wa, wr), (sm, sa, sr) = st.w, st.sigma
+            terms = []
+            if True:  # risk is computed even at weight 0, as the reference does
+                xv = sl(xn, s0, s0 + n, 1)
+                xqv = sl(xq if xq is not None else xn, s0, s0 + n, 1)
+                dif = g.op("Sub", [xqv, xv])
+                num = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [dif, dif]), self.ax(g, [-1])], keepdims=0)])
+                den = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [xv, xv]), self.ax(g, [-1])], keepdims=0)])
+                risk = g.op("Div", [num, g.op("Max", [den, g.const(1e-12)])], name="risk_act")
+                if self.cfg.kv_bits < 16:
+                    for nm, fq, fp in (("k", kd, k), ("v", vd, v)):
+                        a = sl(fq, s0, s0 + n, 2)
+                        b = sl(fp, s0, s0 + n, 2)
+                        dd = g.op("Sub", [a, b])
+                        nn = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [dd, dd]), self.ax(g, [1, 3])], keepdims=0)])
+                        dn = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [b, b]), self.ax(g, [1, 3])], keepdims=0)])
+                        risk = g.op("Add", [risk, g.op("Div", [nn, g.op("Max", [dn, g.const(1e-12)])])], name=f"risk_{nm}")
+            score = g.op("Add", [g.op("Mul", [g.const(wm / sm), mag]), g.op("Mul", [g.const(wa / sa), att])])
+            score = g.op("Sub", [score, g.op("Mul", [g.const(wr / sr), risk])], name="score")
+            _, idx = g.op("TopK", [score, g.const([st.keep], np.int64)], axis=-1, largest=1, sorted=1, n_out=2, name="TopK")
+            idxf = g.op("Cast", [idx], to=FLOAT)
+            asc, _ = g.op("TopK", [idxf, g.const([st.keep], np.int64)], axis=-1, largest=0, sorted=1, n_out=2, name="SortAscending")
+            asc = g.op("Squeeze", [g.op("Cast", [asc], to=INT64), self.ax(g, [0])], name="kept_local")
+            gidx = g.op("Add", [asc, g.const(s0, np.int64)])
+            before_h, after_h = sl(h, 0, s0, 1), sl(h, s0 + n, 1 << 30, 1)
+            h2 = g.op("Concat", [before_h, g.op("Gather", [h, gidx], axis=1), after_h], axis=1, name="gather_hidden")
+            before_p, after_p = sl(pos, 0, s0, 1), sl(pos, s0 + n, 1 << 30, 1)
+            p2 = g.op("Concat", [before_p, g.op("Gather", [pos, gidx], axis=1), after_p], axis=1, name="gather_positions")
+            o2 = g.op("Gather", [orig, asc], axis=1, name="kept_original")
+        return h2, p2, o2
+
+    # ------------------------------------------------------------------ graphs
+    def kv_outputs(self, g: Graph, prefix: str, l: int, kn: KVNames, vn: KVNames):
+        sp = self.spec
+        quant = self.cfg.kv_bits < 16
+        d = sp.head_dim
+        gs = self.cfg.kv_group or d
+        dq = d // 2 if self.cfg.kv_bits == 4 else d
+        for which, nm in (("key", kn), ("value", vn)):
+            seq = f"{prefix}_len_{l}"
+            if quant:
+                g.output(nm.q, f"{prefix}.{l}.{which}", UINT8, [1, sp.kv_heads, seq, dq])
+                g.output(nm.scale, f"{prefix}.{l}.{which}_scale", FLOAT, [1, sp.kv_heads, seq, d // gs])
+                g.output(nm.zero, f"{prefix}.{l}.{which}_zero", UINT8, [1, sp.kv_heads, seq, d // gs])
+            else:
+                g.output(nm.q, f"{prefix}.{l}.{which}", FLOAT, [1, sp.kv_heads, seq, d])
+
+    def final(self, g: Graph, h):
+        with g.scope("model"):
+            last = g.op("Slice", [h, self.ax(g, [-1]), self.ax(g, [1 << 30]), self.ax(g, [1])], name="last_position")
+        hn = self.rmsnorm(g, last, self.dep.norm.numpy(), "model/norm")
+        with g.scope("lm_head"):
+            lg = g.op("MatMul", [hn, g.init("weight", self.dep.lm_head.T.numpy().astype(np.float32))])
+            lg = g.op("Reshape", [lg, g.const([1, self.spec.vocab], np.int64)])
+        g.output(lg, "logits", FLOAT, [1, self.spec.vocab])
+
+    def prefill(self, opset: int) -> onnx.ModelProto:
+        sp = self.spec
+        g = Graph("prefill")
+        h = g.input("inputs_embeds", FLOAT, [1, "seq", sp.hidden])
+        pos = g.input("position_ids", INT64, [1, "seq"])
+        orig = g.const(np.arange(self.n_visual, dtype=np.int64)[None], np.int64)
+        n = self.n_visual
+        cos = sin = None
+        kept = []
+        for l in range(sp.num_layers):
+            st = self.dep.stage_at.get(l)
+            if st is not None:
+                h, pos, orig = self.stage(g, len(kept), st, l, h, pos, orig, n)
+                kept.append((orig, st.keep))
+                n = st.keep
+                cos = None
+            if cos is None:
+                cos, sin = self.rope_tables(g, pos, f"model/layers.{l}/rope")
+            _, _, q, k, v = self.qkv(g, l, h, cos, sin)
+            kd, vd, kn, vn = self.kv_store(g, l, k, v)
+            _, o = self.attend(g, q, kd, vd, 0, f"model/layers.{l}/attn/sdpa")
+            h = self.post_attn(g, l, h, o)
+            self.kv_outputs(g, "present", l, kn, vn)
+        self.final(g, h)
+        for i, (o, k) in enumerate(kept):
+            g.output(o, f"kept.{i}", INT64, [1, k])
+        return g.model(opset)
+
+    def decode(self, opset: int) -> onnx.ModelProto:
+        sp = self.spec
+        g = Graph("decode")
+        h = g.input("inputs_embeds", FLOAT, [1, 1, sp.hidden])
+        pos = g.input("position_ids", INT64, [1, 1])
+        quant = self.cfg.kv_bits < 16
+        d = sp.head_dim
+        gs = self.cfg.kv_group or d
+        dq = d // 2 if self.cfg.kv_bits == 4 else d
+        past = []
+        for l in range(sp.num_layers):
+            names = {}
+            for which in ("key", "value"):
+                seq = f"past_len_{l}"
+                if quant:
+                    qn = g.input(f"past.{l}.{which}", UINT8, [1, sp.kv_heads, seq, dq])
+                    sn = g.input(f"past.{l}.{which}_scale", FLOAT, [1, sp.kv_heads, seq, d // gs])
+                    zn = g.input(f"past.{l}.{which}_zero", UINT8, [1, sp.kv_heads, seq, d // gs])
+                    names[which] = KVNames(qn, sn, zn)
+                else:
+                    names[which] = KVNames(g.input(f"past.{l}.{which}", FLOAT, [1, sp.kv_heads, seq, d]))
+            past.append(names)
+        cos, sin = self.rope_tables(g, pos, "model/rope")
+        for l in range(sp.num_layers):
+            _, _, q, k, v = self.qkv(g, l, h, cos, sin)
+            kd, vd, kn, vn = self.kv_store(g, l, k, v)
+            pk, pv = past[l]["key"], past[l]["value"]
+            with g.scope(f"model/layers.{l}/attn/cache"):
+                if quant:
+                    kall = g.op("Concat", [self.kv_dequant(g, pk, "past_k"), kd], axis=2, name="k_all")
+                    vall = g.op("Concat", [self.kv_dequant(g, pv, "past_v"), vd], axis=2, name="v_all")
+                    kn = KVNames(*(g.op("Concat", [a, b], axis=2, name=f"present_k{i}") for i, (a, b) in enumerate(zip((pk.q, pk.scale, pk.zero), (kn.q, kn.scale, kn.zero)))))
+                    vn = KVNames(*(g.op("Concat", [a, b], axis=2, name=f"present_v{i}") for i, (a, b) in enumerate(zip((pv.q, pv.scale, pv.zero), (vn.q, vn.scale, vn.zero)))))
+                else:
+                    kall = g.op("Concat", [pk.q, kd], axis=2, name="k_all")
+                    vall = g.op("Concat", [pv.q, vd], axis=2, name="v_all")
+                    kn, vn = KVNames(kall), KVNames(vall)
+            _, o = self.attend(g, q, kall, vall, None, f"model/layers.{l}/attn/sdpa")
+            h = self.post_attn(g, l, h, o)
+            self.kv_outputs(g, "present", l, kn, vn)
+        self.final(g, h)
+        return g.model(opset)
+
+
+def embed_graph(table: np.ndarray, opset: int) -> onnx.ModelProto:
+    """token ids [1,T] -> embeddings [1,T,D] (Gather from the embedding table)."""
+    g = Graph("embed")
+    ids = g.input("input_ids", INT64, [1, "seq"])
+    with g.scope("model/embed_tokens"):
+        e = g.op("Gather", [g.init("weight", table.astype(np.float32)), ids], axis=0)
+    g.output(e, "inputs_embeds", FLOAT, [1, "seq", table.shape[1]])
+    return g.model(opset)

@@ -1,0 +1,1 @@
+"""Visual-token pruning: scoring signals, deterministic budgeted top-k, and the stage-wise baselines."""
