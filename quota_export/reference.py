@@ -62,7 +62,8 @@ class DeployConfig:
 
     @classmethod
     def from_recipe(cls, recipe) -> "DeployConfig":
-        w, a, kv = recipe.resolved_quant()
+        rq = recipe.resolved_quant()
+        w, a, kv = rq.weights, rq.activations, rq.kv_cache
         if a.bits < 16 and a.granularity != "token":
             from quota_export import UserError
 

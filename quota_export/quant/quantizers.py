@@ -123,8 +123,10 @@ def kv_params(x: torch.Tensor, bits: int, group_size: int):
         raise ValueError(f"head_dim {d} not divisible by kv group_size {group_size}")
     _, hi = qrange(bits, False)
     g = x.reshape(*lead, d // group_size, group_size)
-    mn = g.amin(-1)
-    mx = g.amax(-1)
+    # The range must contain 0: the zero point is an integer in [0, 2^bits - 1], so a group
+    # entirely above (below) zero would otherwise saturate to a single level.
+    mn = torch.clamp(g.amin(-1), max=0.0)
+    mx = torch.clamp(g.amax(-1), min=0.0)
     scale = torch.clamp(mx - mn, min=EPS) / float(hi)
     zp = torch.clamp(torch.round(-mn / scale), 0, hi)
     return scale, zp

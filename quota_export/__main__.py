@@ -1,0 +1,155 @@
+"""CLI: python -m quota_export {calibrate,build,verify,run,eval,report} ...
+
+Thin: parse, call, print. Bad input ends in one `error: ...` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from quota_export import UserError
+
+COMMANDS: dict[str, tuple[str, callable, callable]] = {}
+
+
+def command(name: str, help: str):
+    def deco(fn):
+        COMMANDS[name] = (help, fn, getattr(fn, "_args", lambda p: None))
+        return fn
+
+    return deco
+
+
+def args(setup):
+    def deco(fn):
+        fn._args = setup
+        return fn
+
+    return deco
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+# ---------------------------------------------------------------- build
+def _build_args(p):
+    p.add_argument("--recipe", required=True, type=Path, help="recipe YAML")
+    p.add_argument("--out", type=Path, help="output folder (default graphs/<recipe name>)")
+    p.add_argument("--target", choices=["onnx", "tensorrt"], help="lowering target (default: the recipe's first)")
+    p.add_argument("--bench", help="JSONL used for the build's parity check (default: the recipe's calibration data)")
+    p.add_argument("--samples", type=int, default=8, help="parity samples checked during the build")
+
+
+@command("build", "recipe + model -> verified ONNX graphs")
+@args(_build_args)
+def cmd_build(a) -> int:
+    from quota_export.build import build
+    from quota_export.recipe import load_recipe
+    from quota_export.verify import summary_line
+
+    recipe = load_recipe(a.recipe)
+    target = a.target or recipe.export.targets[0]
+    if target == "tensorrt":
+        raise UserError("--target tensorrt: the TensorRT lowering is not implemented yet (use --target onnx)")
+    out, man = build(recipe, a.out, a.bench, a.samples, progress=_progress(), target=target)
+    sizes = ", ".join(f"{n} {v['bytes'] / 1e6:.2f} MB" for n, v in man["graphs"].items())
+    print(f"built {out}/ ({sizes})")
+    print(summary_line(man["parity"]))
+    return 0
+
+
+# ---------------------------------------------------------------- verify
+def _verify_args(p):
+    p.add_argument("--artifacts", required=True, type=Path)
+    p.add_argument("--bench", required=True, help="benchmark JSONL")
+    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--json", type=Path, help="write the report as JSON")
+
+
+@command("verify", "parity of built graphs vs the PyTorch reference")
+@args(_verify_args)
+def cmd_verify(a) -> int:
+    from quota_export.build import load_deployed
+    from quota_export.data import load_bench, load_image
+    from quota_export.recipe import load_recipe
+    from quota_export.runtime.ort import OrtRunner
+    from quota_export.verify import compare, summary_line
+
+    runner = OrtRunner(a.artifacts)
+    recipe = load_recipe(a.artifacts / "recipe.yaml")
+    if recipe.content_hash() != runner.manifest["recipe_hash"]:
+        raise UserError(f"{a.artifacts}/recipe.yaml: does not match the manifest's recipe hash")
+    _, dep = load_deployed(recipe)
+    samples = load_bench(a.bench, limit=a.samples)
+    rep = compare(runner, dep, [(load_image(s), s.question) for s in samples], recipe.export.max_new_tokens, _progress())
+    d = rep.as_dict()
+    print(summary_line(d))
+    if a.json:
+        a.json.write_text(json.dumps({k: d[k] for k in ("kept_index_agreement", "answer_agreement", "logits_sqnr_db_min", "samples")}, indent=1) + "\n")
+    fails = rep.failures()
+    if fails:
+        print("error: " + "; ".join(fails), file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- run
+def _run_args(p):
+    p.add_argument("--artifacts", required=True, type=Path)
+    p.add_argument("--image", required=True, type=Path)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int)
+
+
+@command("run", "answer a question about an image with built graphs")
+@args(_run_args)
+def cmd_run(a) -> int:
+    from quota_export.data import load_image
+    from quota_export.runtime.ort import OrtRunner
+
+    runner = OrtRunner(a.artifacts)
+    if not a.image.is_file():
+        raise UserError(f"{a.image}: image not found")
+    res = runner.generate(load_image(a.image), a.prompt, a.max_new_tokens)
+    print(res.text)
+    return 0
+
+
+def _load_optional():
+    """Subcommands living in their own modules register themselves on import."""
+    import importlib
+
+    for mod in ("quota_export.cli_calibrate", "quota_export.cli_eval", "quota_export.cli_report"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    _load_optional()
+    ap = argparse.ArgumentParser(prog="python -m quota_export", description="QUOTA exporter for VLMs")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, (help_, fn, setup) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        setup(p)
+        p.set_defaults(fn=fn)
+    a = ap.parse_args(argv)
+    try:
+        return a.fn(a)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
