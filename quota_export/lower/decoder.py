@@ -52,7 +52,10 @@ def kv_io_names(prefix: str, l: int, which: str, quantized: bool) -> list[str]:
 
 
 class DecoderLowering:
-    def __init__(self, dep: Deployed, n_visual: int, visual_start: int):
+    def __init__(self, dep: Deployed, n_visual: int, visual_start: int, target: str = "onnx"):
+        if target not in ("onnx", "tensorrt"):
+            raise ValueError(f"unknown lowering target {target!r}")
+        self.target = target
         self.dep = dep
         self.spec = dep.spec
         self.cfg = dep.cfg
@@ -86,6 +89,12 @@ class DecoderLowering:
             m = g.op("ReduceMax", [a, self.ax(g, [-1])], keepdims=1)
             m = g.op("Max", [m, g.const(EPS)])
             s = g.op("Div", [m, g.const(float(qmax))], name="Scale")
+            if self.target == "tensorrt":
+                # TensorRT has no INT4 activations and wants constant Q/DQ scales: the same
+                # numerics in float (round-half-even + saturate), exact to the Q/DQ pair.
+                q = g.op("Round", [g.op("Div", [x, s])])
+                q = g.op("Clip", [q, g.const(float(-qmax - 1)), g.const(float(qmax))], name="Saturate")
+                return g.op("Mul", [q, s], name="Dequant")
             dt = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
             q = g.op("QuantizeLinear", [x, s], axis=-1, block_size=dim, output_dtype=dt)
             return g.op("DequantizeLinear", [q, s], axis=-1, block_size=dim)
@@ -320,6 +329,14 @@ class DecoderLowering:
                         risk = g.op("Add", [risk, g.op("Div", [nn, g.op("Max", [dn, g.const(1e-12)])])], name=f"risk_{nm}")
             score = g.op("Add", [g.op("Mul", [g.const(wm / sm), mag]), g.op("Mul", [g.const(wa / sa), att])])
             score = g.op("Sub", [score, g.op("Mul", [g.const(wr / sr), risk])], name="score")
+            if self.target == "tensorrt":
+                # quota::TokenGather plugin: top-k (lower index wins) -> ascending -> gather
+                h2, p2, kept = g.op(
+                    "TokenGather", [h, pos, score], domain="quota", n_out=3, name="TokenGather",
+                    k=st.keep, start=s0, n_visual=n,
+                )
+                o2 = g.op("Gather", [orig, g.op("Squeeze", [kept, self.ax(g, [0])])], axis=1, name="kept_original")
+                return h2, p2, o2
             _, idx = g.op("TopK", [score, g.const([st.keep], np.int64)], axis=-1, largest=1, sorted=1, n_out=2, name="TopK")
             idxf = g.op("Cast", [idx], to=FLOAT)
             asc, _ = g.op("TopK", [idxf, g.const([st.keep], np.int64)], axis=-1, largest=0, sorted=1, n_out=2, name="SortAscending")

@@ -92,7 +92,8 @@ class Graph:
         g = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializer=self.inits)
         m = helper.make_model(
             g,
-            opset_imports=[helper.make_opsetid("", opset)],
+            opset_imports=[helper.make_opsetid("", opset)]
+            + [helper.make_opsetid(d, 1) for d in sorted({n.domain for n in self.nodes if n.domain})],
             producer_name="quota_export",
             producer_version="0.1.0",
         )

@@ -1,0 +1,1 @@
+"""Lowering: recipe + model -> ONNX graphs (one module per target) and TensorRT checks."""
