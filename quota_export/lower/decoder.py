@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from quota_export.lower.gather_onnx import build_gather_subgraph, build_plugin_node
 from quota_export.lower.graph import FLOAT, INT64, UINT8, Graph
 from quota_export.quant.quantizers import EPS
 from quota_export.reference import LINEARS, Deployed
@@ -172,8 +173,9 @@ class DecoderLowering:
         qmax = float(2**bits - 1)
         with g.scope(name):
             xg = g.op("Reshape", [x, g.const([1, self.spec.kv_heads, -1, d // gs, gs], np.int64)])
-            mn = g.op("ReduceMin", [xg, self.ax(g, [-1])], keepdims=1)
-            mx = g.op("ReduceMax", [xg, self.ax(g, [-1])], keepdims=1)
+            # the range always includes 0 (as quantizers.kv_params), so the zero point fits
+            mn = g.op("Min", [g.op("ReduceMin", [xg, self.ax(g, [-1])], keepdims=1), g.const(0.0)])
+            mx = g.op("Max", [g.op("ReduceMax", [xg, self.ax(g, [-1])], keepdims=1), g.const(0.0)])
             s = g.op("Div", [g.op("Max", [g.op("Sub", [mx, mn]), g.const(EPS)]), g.const(qmax)], name="Scale")
             z = g.op("Round", [g.op("Div", [g.op("Neg", [mn]), s])])
             z = g.op("Clip", [z, g.const(0.0), g.const(qmax)], name="ZeroPoint")
@@ -329,24 +331,13 @@ class DecoderLowering:
                         risk = g.op("Add", [risk, g.op("Div", [nn, g.op("Max", [dn, g.const(1e-12)])])], name=f"risk_{nm}")
             score = g.op("Add", [g.op("Mul", [g.const(wm / sm), mag]), g.op("Mul", [g.const(wa / sa), att])])
             score = g.op("Sub", [score, g.op("Mul", [g.const(wr / sr), risk])], name="score")
-            if self.target == "tensorrt":
-                # quota::TokenGather plugin: top-k (lower index wins) -> ascending -> gather
-                h2, p2, kept = g.op(
-                    "TokenGather", [h, pos, score], domain="quota", n_out=3, name="TokenGather",
-                    k=st.keep, start=s0, n_visual=n,
-                )
-                o2 = g.op("Gather", [orig, g.op("Squeeze", [kept, self.ax(g, [0])])], axis=1, name="kept_original")
-                return h2, p2, o2
-            _, idx = g.op("TopK", [score, g.const([st.keep], np.int64)], axis=-1, largest=1, sorted=1, n_out=2, name="TopK")
-            idxf = g.op("Cast", [idx], to=FLOAT)
-            asc, _ = g.op("TopK", [idxf, g.const([st.keep], np.int64)], axis=-1, largest=0, sorted=1, n_out=2, name="SortAscending")
-            asc = g.op("Squeeze", [g.op("Cast", [asc], to=INT64), self.ax(g, [0])], name="kept_local")
-            gidx = g.op("Add", [asc, g.const(s0, np.int64)])
-            before_h, after_h = sl(h, 0, s0, 1), sl(h, s0 + n, 1 << 30, 1)
-            h2 = g.op("Concat", [before_h, g.op("Gather", [h, gidx], axis=1), after_h], axis=1, name="gather_hidden")
-            before_p, after_p = sl(pos, 0, s0, 1), sl(pos, s0 + n, 1 << 30, 1)
-            p2 = g.op("Concat", [before_p, g.op("Gather", [pos, gidx], axis=1), after_p], axis=1, name="gather_positions")
-            o2 = g.op("Gather", [orig, asc], axis=1, name="kept_original")
+            prefix = f"/model/layers.{l}/prune/gather"
+            build = build_plugin_node if self.target == "tensorrt" else build_gather_subgraph
+            sub = build(prefix, h, pos, score, k=st.keep, start=s0, n_visual=n)
+            g.nodes.extend(sub.nodes)
+            kept = g.op("Squeeze", [sub.kept, self.ax(g, [0])], name="kept_local")
+            o2 = g.op("Gather", [orig, kept], axis=1, name="kept_original")
+        h2, p2 = sub.hidden, sub.position_ids
         return h2, p2, o2
 
     # ------------------------------------------------------------------ graphs
