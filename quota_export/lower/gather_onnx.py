@@ -52,8 +52,8 @@ def build_gather_subgraph(
     "/model/layers.3/prune" gives "/model/layers.3/prune/TopK". Tensor names are `<node>_output_<i>`.
     k, start and n_visual become Constant nodes (TensorRT needs TopK's K constant).
 
-        scores [B,N] ─ TopK(k, largest=1, sorted=1) ─ idx [B,k] ─ Cast(f32) ─ TopK(k, largest=0) ─ Cast(i64) ─► kept
-                                                          (the 2nd TopK sorts the kept indices ascending)
+        scores [B,N] f32 ─ Where(IsNaN, -inf) ─ TopK(k, largest=1, sorted=1) ─ idx [B,k]
+        idx ─ Cast(f32) ─ TopK(k, largest=0, sorted=1) ─ Cast(i64) ─► kept    (kept indices, ascending)
         kept + start ─► rows [B,k]
         hidden ──┬─ Slice[:, :start] ──────────────────────┐
                  ├─ GatherND(rows[..., None], batch_dims=1) ┼─ Concat(axis=1) ─► hidden_out [B, T-N+k, H]
@@ -76,6 +76,11 @@ def build_gather_subgraph(
         arr = np.asarray(values, dtype=np.int64)
         return op(name, "Constant", [], value=numpy_helper.from_array(arr, f"{p}/{name}"))[0]
 
+    # NaN ranks as -inf (the project's rule; ONNX Runtime's TopK is not NaN-aware)
+    is_nan = op("scores/IsNaN", "IsNaN", [scores])[0]
+    neg_inf_value = numpy_helper.from_array(np.float32(-np.inf), f"{p}/scores/neg_inf")
+    neg_inf = op("scores/neg_inf", "Constant", [], value=neg_inf_value)[0]
+    scores = op("scores/Where", "Where", [is_nan, neg_inf, scores])[0]
     k_t = const("k", [k])
     _, idx = op("TopK", "TopK", [scores, k_t], n_out=2, axis=-1, largest=1, sorted=1)
     idx_f = op("sort/Cast", "Cast", [idx], to=TensorProto.FLOAT)[0]
@@ -111,13 +116,17 @@ def build_gather_subgraph(
 def build_plugin_node(
     prefix: str, hidden: str, position_ids: str, scores: str, *, k: int, start: int, n_visual: int
 ) -> GatherSubgraph:
-    """The same gather as one `quota::TokenGather` node (the tensorrt target), `<prefix>/TokenGather`."""
+    """The same gather as one `quota::TokenGather` node (the tensorrt target), `<prefix>/TokenGather`.
+
+    TensorRT's ONNX parser maps a node to a Python (QDP) plugin by op type == plugin name and a string
+    attribute `plugin_namespace`; `aot=1` selects the plugin's AOT (PTX) implementation.
+    """
     _check(k, start, n_visual, 2)
     full = "/" + prefix.strip("/") + "/TokenGather"
     outs = [f"{full}_output_{i}" for i in range(3)]
     node = helper.make_node(
         PLUGIN_OP, [hidden, position_ids, scores], outs, name=full, domain=PLUGIN_DOMAIN,
-        k=k, start=start, n_visual=n_visual,
+        k=k, start=start, n_visual=n_visual, plugin_namespace=PLUGIN_DOMAIN, aot=1,
     )  # fmt: skip
     return GatherSubgraph(nodes=[node], hidden=outs[0], position_ids=outs[1], kept=outs[2])
 
