@@ -169,16 +169,40 @@ class Deployed:
         self.norm = adapter.final_norm().weight.detach().float()
         self.lm_head = adapter.lm_head().weight.detach().float()
         self.inv_freq = adapter.inv_freq()
+        planes = adapter.rope_planes()
+        self.rope_planes = None if planes is None else torch.tensor(planes, dtype=torch.long)
+        self.B: list[dict[str, torch.Tensor | None]] = [
+            {
+                lin: (None if mods[f"{pre}.layers.{i}.{lin}"].bias is None else mods[f"{pre}.layers.{i}.{lin}"].bias.detach().float())
+                for lin in LINEARS
+            }
+            for i in range(self.spec.num_layers)
+        ]
         self.stage_at = {s.layer: s for s in cfg.stages}
 
     # ------------------------------------------------------------ pieces shared with calibration
+    def mm(self, x, layer: int, lin: str):
+        """x @ W^T (+ bias): the already-quantized input times the deployed weight."""
+        y = x @ self.W[layer][lin].T
+        b = self.B[layer][lin]
+        return y if b is None else y + b
+
     def act(self, x, layer: int, lin: str):
         if self.cfg.a_bits < 16 and self.quantized[layer][lin]:
             return fake_quant_act(x, self.cfg.a_bits)
         return x
 
+    def rope_freqs(self, pos):
+        """pos [1,T] (1-D RoPE) or [P,1,T] (M-RoPE planes) -> angles [1,T,d/2].
+
+        With planes, frequency f uses the position of plane `rope_planes[f]` (adapter-given)."""
+        if pos.dim() == 3:
+            sel = pos[self.rope_planes]  # [d/2, 1, T]
+            return sel.permute(1, 2, 0).float() * self.inv_freq
+        return pos[..., None].float() * self.inv_freq
+
     def rope(self, x, pos):
-        freqs = pos[..., None].float() * self.inv_freq  # [1, T, d/2]
+        freqs = self.rope_freqs(pos)  # [1, T, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [1, 1, T, d]
         return x * cos + rotate_half(x) * sin
@@ -198,9 +222,9 @@ class Deployed:
         xn = rmsnorm(h, self.ln1[layer], sp.rms_eps)
         B, T, _ = h.shape
         x = self.act(xn, layer, "self_attn.q_proj")
-        q = (x @ W["self_attn.q_proj"].T).view(B, T, sp.heads, sp.head_dim).transpose(1, 2)
-        k = (x @ W["self_attn.k_proj"].T).view(B, T, sp.kv_heads, sp.head_dim).transpose(1, 2)
-        v = (x @ W["self_attn.v_proj"].T).view(B, T, sp.kv_heads, sp.head_dim).transpose(1, 2)
+        q = self.mm(x, layer, "self_attn.q_proj").view(B, T, sp.heads, sp.head_dim).transpose(1, 2)
+        k = self.mm(x, layer, "self_attn.k_proj").view(B, T, sp.kv_heads, sp.head_dim).transpose(1, 2)
+        v = self.mm(x, layer, "self_attn.v_proj").view(B, T, sp.kv_heads, sp.head_dim).transpose(1, 2)
         q, k = self.rope(q, pos), self.rope(k, pos)
         kd, kq = self.kv(k)
         vd, vq = self.kv(v)
@@ -224,10 +248,10 @@ class Deployed:
     def mlp(self, layer: int, h):
         W = self.W[layer]
         x = self.act(rmsnorm(h, self.ln2[layer], self.spec.rms_eps), layer, "mlp.gate_proj")
-        g = x @ W["mlp.gate_proj"].T
-        u = x @ W["mlp.up_proj"].T
+        g = self.mm(x, layer, "mlp.gate_proj")
+        u = self.mm(x, layer, "mlp.up_proj")
         a = torch.nn.functional.silu(g) * u
-        return self.act(a, layer, "mlp.down_proj") @ W["mlp.down_proj"].T
+        return self.mm(self.act(a, layer, "mlp.down_proj"), layer, "mlp.down_proj")
 
     def layer(self, layer: int, h, pos):
         sp = self.spec
@@ -235,7 +259,7 @@ class Deployed:
         _, o = self.attend(q, kd, vd, causal_offset=0)
         B, T = h.shape[:2]
         o = o.transpose(1, 2).reshape(B, T, sp.heads * sp.head_dim)
-        h = h + self.act(o, layer, "self_attn.o_proj") @ self.W[layer]["self_attn.o_proj"].T
+        h = h + self.mm(self.act(o, layer, "self_attn.o_proj"), layer, "self_attn.o_proj")
         h = h + self.mlp(layer, h)
         return h, LayerKV(kd, vd, kq, vq)
 
@@ -280,7 +304,7 @@ class Deployed:
                     s = self.score(st, l, h, pos, start, n)
                     idx = stable_topk(s, st.keep)
                 h = torch.cat([h[:, :start], h[:, start + idx[0]], h[:, start + n :]], dim=1)
-                pos = torch.cat([pos[:, :start], pos[:, start + idx[0]], pos[:, start + n :]], dim=1)
+                pos = torch.cat([pos[..., :start], pos[..., start + idx[0]], pos[..., start + n :]], dim=-1)
                 orig = orig[:, idx[0]]
                 kept.append(orig.clone())
                 scores.append(s)
@@ -302,7 +326,7 @@ class Deployed:
             c.v = torch.cat([c.v, vd], dim=2)
             _, o = self.attend(q, c.k, c.v, causal_offset=None)
             o = o.transpose(1, 2).reshape(1, 1, sp.heads * sp.head_dim)
-            h = h + self.act(o, l, "self_attn.o_proj") @ self.W[l]["self_attn.o_proj"].T
+            h = h + self.mm(self.act(o, l, "self_attn.o_proj"), l, "self_attn.o_proj")
             h = h + self.mlp(l, h)
         hl = rmsnorm(h[:, -1], self.norm, sp.rms_eps)
         return hl @ self.lm_head.T

@@ -64,6 +64,10 @@ class DecoderLowering:
         self.visual_start = visual_start
         self._w_cache: dict[str, str] = {}
 
+    def pos_shape(self, seq):
+        planes = self.dep.rope_planes
+        return [1, seq] if planes is None else [int(max(planes)) + 1, 1, seq]
+
     # ------------------------------------------------------------------ primitives
     def ax(self, g: Graph, axes):
         return g.const(list(axes), np.int64)
@@ -138,7 +142,9 @@ class DecoderLowering:
             x_q = self.act_qdq(g, x, dim, f"model/layers.{l}/{SHORT[lin]}/input_quant")
         xin = x_q if quant else x
         with g.scope(f"model/layers.{l}/{SHORT[lin]}"):
-            return g.op("MatMul", [xin, self.weight(g, l, lin)])
+            y = g.op("MatMul", [xin, self.weight(g, l, lin)])
+            b = self.dep.B[l][lin]
+            return y if b is None else g.op("Add", [y, g.init("bias", b.numpy().astype(np.float32))], name="Bias")
 
     def heads(self, g: Graph, x, n_heads: int, name: str):
         """[1,T,n*d] -> [1,n,T,d]"""
@@ -150,7 +156,12 @@ class DecoderLowering:
         """position_ids [1,T] -> cos, sin [1,1,T,d]"""
         with g.scope(name):
             p = g.op("Cast", [pos], to=FLOAT)
-            p = g.op("Unsqueeze", [p, self.ax(g, [-1])])
+            if self.dep.rope_planes is not None:
+                # M-RoPE: [P,1,T] -> frequency f reads plane rope_planes[f] -> [1,T,d/2]
+                sel = g.op("Gather", [p, g.init("planes", self.dep.rope_planes.numpy().astype(np.int64))], axis=0)
+                p = g.op("Transpose", [sel], perm=[1, 2, 0])
+            else:
+                p = g.op("Unsqueeze", [p, self.ax(g, [-1])])
             f = g.op("Mul", [p, g.init("inv_freq", self.dep.inv_freq.numpy().astype(np.float32))])
             e = g.op("Concat", [f, f], axis=-1)
             cos = g.op("Unsqueeze", [g.op("Cos", [e]), self.ax(g, [1])], name="cos")
@@ -333,7 +344,8 @@ class DecoderLowering:
             score = g.op("Sub", [score, g.op("Mul", [g.const(wr / sr), risk])], name="score")
             prefix = f"/model/layers.{l}/prune/gather"
             build = build_plugin_node if self.target == "tensorrt" else build_gather_subgraph
-            sub = build(prefix, h, pos, score, k=st.keep, start=s0, n_visual=n)
+            kw = {"position_ids_rank": 3} if self.dep.rope_planes is not None else {}
+            sub = build(prefix, h, pos, score, k=st.keep, start=s0, n_visual=n, **kw)
             g.nodes.extend(sub.nodes)
             kept = g.op("Squeeze", [sub.kept, self.ax(g, [0])], name="kept_local")
             o2 = g.op("Gather", [orig, kept], axis=1, name="kept_original")
@@ -369,7 +381,7 @@ class DecoderLowering:
         sp = self.spec
         g = Graph("prefill")
         h = g.input("inputs_embeds", FLOAT, [1, "seq", sp.hidden])
-        pos = g.input("position_ids", INT64, [1, "seq"])
+        pos = g.input("position_ids", INT64, self.pos_shape("seq"))
         orig = g.const(np.arange(self.n_visual, dtype=np.int64)[None], np.int64)
         n = self.n_visual
         cos = sin = None
@@ -397,7 +409,7 @@ class DecoderLowering:
         sp = self.spec
         g = Graph("decode")
         h = g.input("inputs_embeds", FLOAT, [1, 1, sp.hidden])
-        pos = g.input("position_ids", INT64, [1, 1])
+        pos = g.input("position_ids", INT64, self.pos_shape(1))
         quant = self.cfg.kv_bits < 16
         d = sp.head_dim
         gs = self.cfg.kv_group or d

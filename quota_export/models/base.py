@@ -67,6 +67,11 @@ class Adapter:
     def inv_freq(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def rope_planes(self) -> list[int] | None:
+        """None for 1-D RoPE (position_ids [1,T]); for M-RoPE, the position plane each of the
+        head_dim/2 frequencies reads (position_ids [P,1,T])."""
+        return None
+
     def image_size(self) -> tuple[int, int]:
         raise NotImplementedError
 
