@@ -1,0 +1,104 @@
+"""The `tensorrt` lowering: TensorRT's operator rules hold on every graph, and the graphs (gathers
+inlined to standard ops) match the reference on ONNX Runtime. Engines need TensorRT + a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from calib_data.shapes import make_sample, render
+from quota_export import models
+from quota_export.lower import onnx_target, tensorrt_target
+from quota_export.reference import DeployConfig, Deployed, StageCfg
+from quota_export.verify import sqnr_db
+
+TARGETS = [r"^model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$"]
+
+
+@pytest.fixture(scope="module")
+def tiny128(tmp_path_factory):
+    from conftest import make_tiny_llava
+
+    torch.set_num_threads(1)
+    # hidden 128 / MLP 320: both divisible by TensorRT's INT4 block size 64
+    return models.load(make_tiny_llava(tmp_path_factory.mktemp("t128") / "m", hidden=128, seed=3))
+
+
+def deployed(adapter, kv_bits=4):
+    cfg = DeployConfig(
+        w_bits=4, w_group=64, targets=TARGETS, ignore=["lm_head"], a_bits=4, kv_bits=kv_bits,
+        stages=[StageCfg(1, 72, (0.0, 1.0, 0.0), (1.0, 1.0, 1.0)), StageCfg(3, 20, (1.0, 1.0, 1.0), (10.0, 0.01, 1.0))],
+    )  # fmt: skip
+    return Deployed(adapter, cfg)
+
+
+def session(model):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    # exact fp32 inside ORT's fused 4-bit MatMul (its default accuracy level quantizes A to int8)
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("kv_bits", [4, 8])
+def test_tensorrt_graphs_pass_checker_and_match_reference(tiny128, kv_bits):
+    dep = deployed(tiny128, kv_bits)
+    graphs = tensorrt_target.lower(dep, 3, 21)
+    assert tensorrt_target.violations(graphs) == []
+    prefill = graphs["prefill.onnx"]
+    ops = {n.op_type for n in prefill.graph.node}
+    assert "TokenGather" in ops and "QuantizeLinear" not in ops and "TopK" not in ops
+    sess = session(tensorrt_target.inline_token_gathers(prefill))
+    names = [o.name for o in sess.get_outputs()]
+    for seed in range(4):
+        scene, q = make_sample(seed)
+        pr = tiny128.prompt(render(scene), q["question"])
+        emb = dep.embed_prompt(pr)
+        T = emb.shape[1]
+        ref = dep.prefill(emb, torch.arange(T)[None], pr.visual_start, pr.n_visual)
+        out = dict(zip(names, sess.run(None, {"inputs_embeds": emb.numpy(), "position_ids": np.arange(T)[None]})))
+        for i, k in enumerate(ref.kept):
+            np.testing.assert_array_equal(out[f"kept.{i}"], k.numpy())
+        assert sqnr_db(ref.logits.numpy(), out["logits"]) >= 40.0
+
+
+def test_onnx_target_graphs_are_rejected(tiny128):
+    """The checker is not vacuous: INT4 activation Q/DQ with in-graph scales breaks TensorRT's rules."""
+    graphs = onnx_target.lower(deployed(tiny128), 3, 21)
+    rules = {v.split("[", 1)[1].split("]", 1)[0] for v in tensorrt_target.violations(graphs)}
+    assert {"int4-activation", "qdq-scale-not-constant"} <= rules
+
+
+def test_group_32_is_rejected_for_tensorrt(tiny128):
+    dep = deployed(tiny128)
+    dep32 = Deployed(tiny128, DeployConfig(**{**dep.cfg.__dict__, "w_group": 32}))
+    v = tensorrt_target.violations({"prefill.onnx": tensorrt_target.lower(dep32, 3, 21)["prefill.onnx"]})
+    assert any("int4-block" in x for x in v)
+
+
+def test_engine_reason_is_stated_here():
+    reason = tensorrt_target.engine_unavailable_reason()
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = torch.cuda.is_available()
+    except ImportError:
+        has_trt = False
+    assert (reason is None) == has_trt
+
+
+@pytest.mark.gpu
+def test_engine_build_on_gpu(tiny128, tmp_path):
+    reason = tensorrt_target.engine_unavailable_reason()
+    if reason:
+        pytest.skip(f"needs TensorRT and an NVIDIA GPU: {reason}")
+    import json
+
+    for name, m in tensorrt_target.lower(deployed(tiny128), 3, 21).items():
+        (tmp_path / name).write_bytes(m.SerializeToString())
+    (tmp_path / "manifest.json").write_text(json.dumps({"export": {"max_seq": 256}}))
+    engines = tensorrt_target.build_engines(tmp_path)
+    assert [p.name for p in engines] == ["vision.engine", "embed.engine", "prefill.engine", "decode.engine"]
+    assert all(p.stat().st_size > 0 for p in engines)
