@@ -1,6 +1,7 @@
 """CLI: python -m quota_export {calibrate,build,verify,run,eval,report} ...
 
-Thin: parse, call, print. Bad input ends in one `error: ...` line and exit code 2.
+Thin: parse, call, print. Bad input ends in one `error: ...` line and exit code 2; graphs that
+disagree with the PyTorch reference (`build`'s parity check, `verify`) end in exit code 1.
 """
 
 from __future__ import annotations
@@ -42,68 +43,87 @@ def _build_args(p):
     p.add_argument("--out", type=Path, help="output folder (default graphs/<recipe name>)")
     p.add_argument("--target", choices=["onnx", "tensorrt"], help="lowering target (default: the recipe's first)")
     p.add_argument("--bench", help="JSONL used for the build's parity check (default: the recipe's calibration data)")
-    p.add_argument("--samples", type=int, default=8, help="parity samples checked during the build")
+    p.add_argument("--samples", type=int, default=8, help="parity samples checked during the build (default 8)")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 @command("build", "recipe + model -> verified ONNX graphs")
 @args(_build_args)
 def cmd_build(a) -> int:
-    from quota_export.build import build
+    from quota_export.build import ParityError, build, next_steps
     from quota_export.recipe import load_recipe
     from quota_export.verify import summary_line
 
+    if a.samples < 1:
+        raise UserError(f"--samples: must be at least 1, got {a.samples}")
     recipe = load_recipe(a.recipe)
     target = a.target or recipe.export.targets[0]
     if target == "tensorrt":
         raise UserError("--target tensorrt: the TensorRT lowering is not implemented yet (use --target onnx)")
-    out, man = build(recipe, a.out, a.bench, a.samples, progress=_progress(), target=target)
+    try:
+        res = build(recipe, a.out, a.bench, a.samples, progress=_progress(), target=target, log=_say)
+    except ParityError as e:  # the graphs are wrong, not the input: exit 1, as `verify` does
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    man = res.manifest
     sizes = ", ".join(f"{n} {v['bytes'] / 1e6:.2f} MB" for n, v in man["graphs"].items())
-    print(f"built {out}/ ({sizes})")
-    print(summary_line(man["parity"]))
+    print(f"built {res.out}/ in {res.seconds:.1f} s ({sizes})")
+    print(summary_line(man["parity"], man["parity"].get("data")))
+    for line in next_steps(res):
+        print(line)
     return 0
 
 
 # ---------------------------------------------------------------- verify
 def _verify_args(p):
-    p.add_argument("--artifacts", required=True, type=Path)
+    p.add_argument("--artifacts", required=True, type=Path, help="a folder written by `build`")
     p.add_argument("--bench", required=True, help="benchmark JSONL")
-    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--samples", type=int, default=50, help="samples compared (default 50)")
     p.add_argument("--json", type=Path, help="write the report as JSON")
 
 
 @command("verify", "parity of built graphs vs the PyTorch reference")
 @args(_verify_args)
 def cmd_verify(a) -> int:
-    from quota_export.build import load_deployed
-    from quota_export.data import load_bench, load_image
+    from quota_export.build import load_deployed, load_items
     from quota_export.recipe import load_recipe
     from quota_export.runtime.ort import OrtRunner
     from quota_export.verify import compare, summary_line
 
+    if a.samples < 1:
+        raise UserError(f"--samples: must be at least 1, got {a.samples}")
     runner = OrtRunner(a.artifacts)
     recipe = load_recipe(a.artifacts / "recipe.yaml")
     if recipe.content_hash() != runner.manifest["recipe_hash"]:
-        raise UserError(f"{a.artifacts}/recipe.yaml: does not match the manifest's recipe hash")
+        raise UserError(f"{a.artifacts / 'recipe.yaml'}: does not match the manifest's recipe hash (edited after the build?)")
+    data = load_items(a.bench, a.samples, runner.image_size)
+    _say(f"comparing {a.artifacts} with the PyTorch reference of {recipe.model_path()} on {len(data.items)} samples")
     _, dep = load_deployed(recipe)
-    samples = load_bench(a.bench, limit=a.samples)
-    rep = compare(runner, dep, [(load_image(s), s.question) for s in samples], recipe.export.max_new_tokens, _progress())
+    rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, _progress())
     d = rep.as_dict()
-    print(summary_line(d))
+    print(summary_line(d, data.source))
     if a.json:
-        a.json.write_text(json.dumps({k: d[k] for k in ("kept_index_agreement", "answer_agreement", "logits_sqnr_db_min", "samples")}, indent=1) + "\n")
+        keys = ("kept_index_agreement", "kept_index_agreement_per_stage", "answer_agreement", "logits_sqnr_db_min", "samples")
+        try:
+            a.json.write_text(json.dumps({k: d[k] for k in keys}, indent=1) + "\n")
+        except OSError as e:
+            raise UserError(f"{a.json}: cannot write the report ({e.strerror})") from None
     fails = rep.failures()
     if fails:
-        print("error: " + "; ".join(fails), file=sys.stderr)
+        print("error: parity check failed: " + "; ".join(fails), file=sys.stderr)
         return 1
     return 0
 
 
 # ---------------------------------------------------------------- run
 def _run_args(p):
-    p.add_argument("--artifacts", required=True, type=Path)
+    p.add_argument("--artifacts", required=True, type=Path, help="a folder written by `build`")
     p.add_argument("--image", required=True, type=Path)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--max-new-tokens", type=int, help="default: the recipe's export.max_new_tokens")
 
 
 @command("run", "answer a question about an image with built graphs")
@@ -112,11 +132,19 @@ def cmd_run(a) -> int:
     from quota_export.data import load_image
     from quota_export.runtime.ort import OrtRunner
 
+    if a.max_new_tokens is not None and a.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens: must be at least 1, got {a.max_new_tokens}")
     runner = OrtRunner(a.artifacts)
     if not a.image.is_file():
         raise UserError(f"{a.image}: image not found")
-    res = runner.generate(load_image(a.image), a.prompt, a.max_new_tokens)
+    img = load_image(a.image)
+    h, w = runner.image_size
+    if img.shape[:2] != (h, w):
+        raise UserError(f"{a.image}: image is {img.shape[1]}x{img.shape[0]}, these graphs take {w}x{h} (resize it first)")
+    res = runner.generate(img, a.prompt, a.max_new_tokens)
     print(res.text)
+    if not res.text:
+        _say("note: the answer is empty (the model ended it at once)")
     return 0
 
 

@@ -1,7 +1,12 @@
 """`build`: recipe + model -> graphs/<name>/ (vision, embed, prefill, decode, manifest), verified.
 
-Everything is written to a temporary sibling folder and moved into place only after the
-graphs load in ONNX Runtime and the parity check against reference.py holds.
+    check --out -> load model (recipe checked against it) -> parity data -> lower
+      -> save into a hidden sibling folder .<name>.XXXX -> load in ONNX Runtime -> parity vs reference.py
+      -> rename into place (an older build there is swapped out only at that moment)
+
+Nothing is written to the output folder unless every step succeeds: on any error (bad input, a
+parity failure, Ctrl-C) the temporary folder, and any parent folders the build created, are removed
+and an older build at the same place is left untouched.
 """
 
 from __future__ import annotations
@@ -9,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
+import shlex
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +26,13 @@ import numpy as np
 from quota_export import UserError, __version__
 
 PARITY_SAMPLES = 8
+STEPS = 5
+
+
+class ParityError(UserError):
+    """The built graphs disagree with the PyTorch reference (an exporter bug, not bad input)."""
+
+    exit_code = 1
 
 
 def versions() -> dict[str, str]:
@@ -36,14 +50,38 @@ def versions() -> dict[str, str]:
     }
 
 
+def _check_quant_fits(recipe, adapter, spec) -> None:
+    """Recipe-vs-model checks of group sizes (one line naming the recipe field)."""
+    rq = recipe.resolved_quant()
+    kv = rq.kv_cache
+    if kv.bits < 16 and kv.group_size is not None and spec.head_dim % kv.group_size:
+        raise UserError(f"quant.kv_cache.group_size: {kv.group_size} does not divide head_dim {spec.head_dim}")
+    if kv.bits == 4 and spec.head_dim % 2:
+        raise UserError(f"quant.kv_cache.bits: a 4-bit cache packs two values per byte; head_dim {spec.head_dim} is odd")
+    w = rq.weights
+    if w.bits < 16 and w.granularity == "group":
+        mods = dict(adapter.model.named_modules())
+        for name in recipe.quantized_modules(list(mods)):
+            weight = getattr(mods[name], "weight", None)
+            if weight is not None and weight.dim() == 2 and weight.shape[1] % w.group_size:
+                raise UserError(
+                    f"quant.weights.group_size: {w.group_size} does not divide the {weight.shape[1]} input "
+                    f"features of {name}"
+                )
+
+
 def load_deployed(recipe):
     """Recipe -> (adapter, Deployed) with the recipe checked against the model."""
     from quota_export import models
     from quota_export.reference import DeployConfig, Deployed
 
-    adapter = models.load(recipe.model_path() if callable(getattr(recipe, "model_path", None)) else recipe.model)
+    path = recipe.model_path()
+    if not path.exists():
+        raise UserError(f"model: checkpoint folder not found: {path}")
+    adapter = models.load(path)
     spec = adapter.decoder_spec()
     recipe.check_against(spec.num_layers, adapter.n_visual(), adapter.module_names())
+    _check_quant_fits(recipe, adapter, spec)
     cfg = DeployConfig.from_recipe(recipe)
     qweights = None
     if cfg.w_algorithm == "gptq":
@@ -51,18 +89,41 @@ def load_deployed(recipe):
     return adapter, Deployed(adapter, cfg, qweights)
 
 
-def parity_items(adapter, recipe, n: int, bench: str | None = None):
-    """(image, question) pairs: from a benchmark JSONL if given (or the recipe's calibration data),
-    else seeded random images with a fixed question."""
+@dataclass
+class ParityData:
+    items: list  # (image uint8 HxWx3, question)
+    source: str  # for people: "test.jsonl" / "random images"
+    example: tuple[str, str] | None = None  # (image path, question) of the first sample, for the `run` hint
+
+
+def load_items(path, n: int, image_size: tuple[int, int]) -> ParityData:
+    """n task-balanced samples of a benchmark JSONL, images checked against the model's input size."""
     from quota_export.data import load_bench, load_image
 
+    samples = load_bench(path, limit=n)
+    items = []
+    h, w = image_size
+    for s in samples:
+        img = load_image(s)
+        if img.shape[:2] != (h, w):
+            raise UserError(f"{s.image}: image is {img.shape[1]}x{img.shape[0]}, the model takes {w}x{h}")
+        items.append((img, s.question))
+    return ParityData(items, Path(path).name, (samples[0].image, samples[0].question))
+
+
+def parity_items(adapter, recipe, n: int, bench: str | None = None) -> ParityData:
+    """(image, question) pairs: from a benchmark JSONL if given (or the recipe's calibration data),
+    else seeded random images with a fixed question."""
+    if n < 1:
+        raise UserError(f"samples: need at least 1 parity sample, got {n}")
     src = bench or (recipe.calibration.data if recipe.calibration else None)
-    if src and Path(src).is_file():
-        samples = load_bench(src, limit=n)
-        return [(load_image(s), s.question) for s in samples]
+    if bench or (src and Path(src).is_file()):
+        return load_items(src, n, adapter.image_size())
     h, w = adapter.image_size()
     rng = np.random.default_rng(0)
-    return [(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "describe image") for _ in range(n)]
+    items = [(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "describe image") for _ in range(n)]
+    why = f"calibration data {src} not found" if src else "no --bench given"
+    return ParityData(items, f"random {w}x{h} images ({why})")
 
 
 def io_spec(model) -> dict:
@@ -76,44 +137,140 @@ def io_spec(model) -> dict:
     return {"inputs": [vi(v) for v in model.graph.input], "outputs": [vi(v) for v in model.graph.output]}
 
 
-def build(recipe, out: Path | None = None, bench: str | None = None, samples: int = PARITY_SAMPLES,
-          progress: bool = True, target: str = "onnx") -> tuple[Path, dict]:
-    import onnx
-    from tqdm import tqdm
+# ---------------------------------------------------------------- the output folder
 
-    from quota_export.lower import onnx_target
-    from quota_export.runtime.ort import OrtRunner
-    from quota_export.verify import compare
 
-    out = Path(out) if out else Path("graphs") / recipe.name
+def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: output path exists and is a file")
-    steps = tqdm(total=5, desc="build", disable=not progress, unit="step")
-    steps.set_postfix_str("load model")
-    adapter, dep = load_deployed(recipe)
-    steps.update()
-    probe = adapter.prompt(np.zeros((*adapter.image_size(), 3), np.uint8), "describe image")
-    steps.set_postfix_str("lower")
-    graphs = onnx_target.lower(dep, probe.visual_start, recipe.export.opset)
-    steps.update()
+        raise UserError(f"{out}: output path exists and is a file (choose another --out)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        # never replace a folder that is not a previous build: --out . must not wipe the CWD
+        raise UserError(f"{out}: output folder exists and is not a previous build (no manifest.json); "
+                        "choose another --out or empty it")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{out}: cannot create the output folder ({parent} is a file)")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"{out}: cannot create the output folder ({parent} is not writable)")
+            break
+
+
+def _make_tmp(out: Path) -> tuple[Path, list[Path]]:
+    """A hidden temporary folder next to `out` (same file system, so the final rename is atomic),
+    and the parent folders created for it (removed again if the build fails)."""
+    created = [p for p in reversed(out.parents) if not p.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as e:
-        raise UserError(f"{out.parent}: cannot create output folder ({e.strerror})") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        _remove_empty(created)
+        raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the published folder gets the usual mode
+    return tmp, created
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in reversed(dirs):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; a previous build at out is swapped out and removed only then."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
     try:
-        steps.set_postfix_str("save")
-        files = {}
-        for name, m in graphs.items():
-            data = m.SerializeToString(deterministic=True)
-            if len(data) > 2_000_000_000:
-                onnx.save_model(m, tmp / name, save_as_external_data=True, location=name + ".data")
-            else:
-                (tmp / name).write_bytes(data)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": hashlib.sha256((tmp / name).read_bytes()).hexdigest()}
-        adapter.processor.save_pretrained(tmp / "processor")
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_graph(m, path: Path) -> dict:
+    import onnx
+
+    data = m.SerializeToString(deterministic=True)
+    if len(data) > 2_000_000_000:
+        onnx.save_model(m, path, save_as_external_data=True, location=path.name + ".data")
+        data = path.read_bytes()
+    else:
+        path.write_bytes(data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _quant_summary(cfg) -> str:
+    parts = [f"W{cfg.w_bits}" if cfg.w_bits < 16 else "W fp32", f"A{cfg.a_bits}" if cfg.a_bits < 16 else "A fp32",
+             f"KV{cfg.kv_bits}" if cfg.kv_bits < 16 else "KV fp32"]
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------- build
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict
+    seconds: float
+    example: tuple[str, str] | None  # (image path, question) of a parity sample, for the `run` hint
+
+
+def build(recipe, out: Path | None = None, bench: str | None = None, samples: int = PARITY_SAMPLES,
+          progress: bool = False, target: str = "onnx", log=None, threads: int = 0) -> BuildResult:
+    """Build and verify; returns the output folder and the manifest written there.
+
+    `log(str)` receives one line per step (the CLI prints them to stderr); `progress` shows a
+    per-sample bar during the parity check; `threads` is passed to the ONNX Runtime sessions."""
+    import onnx
+
+    from quota_export.verify import compare
+
+    say = log or (lambda _msg: None)
+    t0 = time.monotonic()
+    out = Path(out) if out else Path("graphs") / recipe.name
+    if target != "onnx":
+        raise UserError(f"target {target!r}: only the 'onnx' lowering is implemented")
+    max_opset = onnx.defs.onnx_opset_version()
+    if recipe.export.opset > max_opset:
+        raise UserError(f"export.opset: {recipe.export.opset} is newer than the installed onnx supports ({max_opset})")
+    _check_out(out)
+    tmp, created = _make_tmp(out)
+    ok = False
+    try:
+        say(f"[1/{STEPS}] loading {recipe.model_path()}")
+        adapter, dep = load_deployed(recipe)
         spec = dep.spec
+        stages = ", ".join(f"layer {s.layer} keeps {s.keep}" for s in dep.cfg.stages) or "no pruning"
+        say(f"      {adapter.architecture}: {spec.num_layers} decoder layers, {adapter.n_visual()} visual tokens "
+            f"per image; {_quant_summary(dep.cfg)}; {stages}")
+        data = parity_items(adapter, recipe, samples, bench)  # a bad --bench fails before the slow part
+        probe = adapter.prompt(np.zeros((*adapter.image_size(), 3), np.uint8), "describe image")
+
+        say(f"[2/{STEPS}] lowering to ONNX (opset {recipe.export.opset})")
+        from quota_export.lower import onnx_target
+
+        graphs = onnx_target.lower(dep, probe.visual_start, recipe.export.opset)
+
+        say(f"[3/{STEPS}] writing graphs")
+        from quota_export.models import quiet_hf
+
+        try:
+            files = {name: _write_graph(m, tmp / name) for name, m in graphs.items()}
+            with quiet_hf():
+                adapter.processor.save_pretrained(tmp / "processor")
+            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        except OSError as e:  # e.g. disk full
+            raise UserError(f"{out}: cannot write the build ({e.strerror or e})") from None
         manifest = {
             "recipe": recipe.name,
             "recipe_hash": recipe.content_hash(),
@@ -136,30 +293,46 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
             "versions": versions(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        steps.update()
-        steps.set_postfix_str("parity")
-        runner = OrtRunner(tmp)
-        items = parity_items(adapter, recipe, samples, bench)
-        rep = compare(runner, dep, items, recipe.export.max_new_tokens, progress=progress)
-        steps.update()
-        parity = rep.as_dict()
-        manifest["parity"] = {k: v for k, v in parity.items() if k != "logits_sqnr_db"}
-        manifest["parity"]["logits_sqnr_db"] = parity["logits_sqnr_db"]
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+        say(f"[4/{STEPS}] parity vs the PyTorch reference on {len(data.items)} samples of {data.source}")
+        from quota_export.runtime.ort import OrtRunner
+
+        runner = OrtRunner(tmp, threads=threads)
+        rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, progress=progress)
+        manifest["parity"] = {"data": data.source, **rep.as_dict()}
         fails = rep.failures()
         if fails:
-            raise UserError(f"parity check failed ({'; '.join(fails)}); nothing written to {out}")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        steps.update()
-        steps.close()
-        return out, manifest
+            raise ParityError(
+                f"parity check failed: {'; '.join(fails)}; nothing written to {out} "
+                "(the graphs disagree with the PyTorch reference: please report this with the recipe)"
+            )
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+        say(f"[5/{STEPS}] publishing {out}")
+        try:
+            _publish(tmp, out)
+        except OSError as e:
+            raise UserError(f"{out}: cannot move the build into place ({e.strerror or e})") from None
+        ok = True
+        return BuildResult(out, manifest, time.monotonic() - t0, data.example)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not ok:
+            _remove_empty(created)
+
+
+def next_steps(res: BuildResult) -> list[str]:
+    """Copy-paste commands for a first run of the built graphs."""
+    h, w = res.manifest["model"]["image_size"]
+    if res.example:
+        img, q = res.example
+        rel = os.path.relpath(img)
+        image, prompt = shlex.quote(img if rel.startswith("..") else rel), shlex.quote(q)
+    else:
+        image, prompt = f"<{w}x{h} image>", "'<question>'"
+    a = shlex.quote(str(res.out))
+    return [
+        f"try it:  python -m quota_export run --artifacts {a} --image {image} --prompt {prompt}",
+        f"check:   python -m quota_export verify --artifacts {a} --bench <benchmark.jsonl>",
+    ]

@@ -102,7 +102,10 @@ class DecoderLowering:
                 return g.op("Mul", [q, s], name="Dequant")
             dt = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
             q = g.op("QuantizeLinear", [x, s], axis=-1, block_size=dim, output_dtype=dt)
-            return g.op("DequantizeLinear", [q, s], axis=-1, block_size=dim)
+            y = g.op("DequantizeLinear", [q, s], axis=-1, block_size=dim)
+            # A shape-preserving Reshape keeps ONNX Runtime's DQ+MatMul -> MatMulNBits fusion
+            # (it fuses a MatMul only when its single DQ input is the weight)
+            return g.op("Reshape", [y, g.const([1, -1, dim], np.int64)], name="Barrier")
 
     def weight(self, g: Graph, l: int, lin: str):
         """The MatMul B operand: DQ(int4 blocked const) or an fp32 constant, [in, out]."""
@@ -141,8 +144,9 @@ class DecoderLowering:
             dim = self.dep.W[l][lin].shape[1]
             x_q = self.act_qdq(g, x, dim, f"model/layers.{l}/{SHORT[lin]}/input_quant")
         xin = x_q if quant else x
+        w = self.weight(g, l, lin)
         with g.scope(f"model/layers.{l}/{SHORT[lin]}"):
-            y = g.op("MatMul", [xin, self.weight(g, l, lin)])
+            y = g.op("MatMul", [xin, w])
             b = self.dep.B[l][lin]
             return y if b is None else g.op("Add", [y, g.init("bias", b.numpy().astype(np.float32))], name="Bias")
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from quota_export import UserError
-from quota_export.models import register
+from quota_export.models import first_line, quiet_hf, register
 from quota_export.models.base import Adapter, DecoderSpec, Prompt
 
 
@@ -22,17 +22,45 @@ from quota_export.models.base import Adapter, DecoderSpec, Prompt
 class LlavaAdapter(Adapter):
     @classmethod
     def from_pretrained(cls, path: Path) -> "LlavaAdapter":
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        import pickle
 
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(str(path), attn_implementation="eager")
-        except (OSError, ValueError, RuntimeError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            raise UserError(f"{path}: cannot load weights ({msg})") from None
-        try:
-            processor = AutoProcessor.from_pretrained(str(path))
-        except (OSError, ValueError, TypeError) as e:
-            raise UserError(f"{path}: cannot load processor ({str(e).splitlines()[0]})") from None
+        from huggingface_hub.errors import StrictDataclassError
+        from safetensors import SafetensorError
+        from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+        cfg_file = path / "config.json"
+        with quiet_hf():
+            try:
+                config = LlavaConfig.from_pretrained(str(path))
+            except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as e:
+                raise UserError(f"{cfg_file}: invalid LLaVA config ({first_line(e)})") from None
+            try:
+                model, info = LlavaForConditionalGeneration.from_pretrained(
+                    str(path), config=config, attn_implementation="eager",
+                    ignore_mismatched_sizes=True, output_loading_info=True,  # mismatches are reported below
+                )
+            except SafetensorError as e:
+                raise UserError(f"{_weights_file(path)}: corrupt or truncated weights ({first_line(e)})") from None
+            except (pickle.UnpicklingError, EOFError) as e:
+                raise UserError(f"{_weights_file(path)}: corrupt weights ({first_line(e)})") from None
+            except (OSError, ValueError, RuntimeError) as e:
+                raise UserError(f"{path}: cannot load weights ({first_line(e)})") from None
+            mismatched = sorted(info.get("mismatched_keys") or [])
+            if mismatched:
+                k, ckpt, want = mismatched[0]
+                raise UserError(
+                    f"{_weights_file(path)}: weights do not fit config.json: {k} is {list(ckpt)} in the checkpoint, "
+                    f"the config needs {list(want)} ({len(mismatched)} tensors differ)"
+                )
+            missing = sorted(info.get("missing_keys") or [])
+            if missing:
+                raise UserError(
+                    f"{_weights_file(path)}: {len(missing)} weights missing from the checkpoint (first: {missing[0]})"
+                )
+            try:
+                processor = AutoProcessor.from_pretrained(str(path))
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                raise UserError(f"{path}: cannot load processor / tokenizer ({first_line(e)})") from None
         return cls(model, processor, path)
 
     @property
@@ -120,3 +148,9 @@ class LlavaAdapter(Adapter):
                 return adapter.vision_features(pixel_values)
 
         return Vision()
+
+
+def _weights_file(path: Path) -> Path:
+    """The checkpoint's weights file, for messages (the folder when there are several)."""
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    return files[0] if len(files) == 1 else path

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,80 @@ import numpy as np
 from quota_export import UserError
 
 GRAPHS = ("vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx")
+
+# Session config: ORT fuses DequantizeLinear(int4 weight) + MatMul into MatMulNBits, whose default
+# accuracy_level 4 re-quantizes the activations to int8 per block inside the kernel. That is not the
+# deployed numerics (reference.py keeps fp32 activations between the Q/DQ pairs): on a toy MatMul it
+# costs ~45 dB SQNR. Level 1 computes in fp32 and matches the unfused graph exactly.
+SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+
+# What the runner reads from manifest.json (dotted paths), checked up front for a one-line error.
+MANIFEST_FIELDS = (
+    "recipe_hash", "schedule", "model.visual_start", "model.n_visual", "model.image_size",
+    "model.eos_token_id", "model.image_token_id", "export.max_new_tokens", "graphs",
+)
+
+
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """The exception types onnxruntime raises when a model cannot be loaded.
+
+    onnxruntime's pybind layer registers its own classes (Fail, InvalidProtobuf, InvalidGraph,
+    NoSuchFile, ...) that derive from plain `Exception`, with no common base, so we list them
+    rather than catch `Exception`; RuntimeError / ValueError cover its Python-side checks.
+    """
+    from onnxruntime.capi import onnxruntime_pybind11_state as st
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    return tuple(c for c in (getattr(st, n, None) for n in names) if isinstance(c, type)) + (RuntimeError, ValueError)
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    msg = " ".join(x.strip() for x in str(e).splitlines() if x.strip()) or type(e).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _env_threads() -> int:
+    v = os.environ.get("OMP_NUM_THREADS", "")
+    return int(v) if v.isdigit() else 0
+
+
+def read_manifest(artifacts: Path) -> dict:
+    """manifest.json of a build folder, with the fields the runner needs checked."""
+    man = artifacts / "manifest.json"
+    if not artifacts.exists():
+        raise UserError(f"{artifacts}: artifacts folder not found")
+    if not artifacts.is_dir():
+        raise UserError(f"{artifacts}: not a folder (expected the output folder of `build`)")
+    if not man.is_file():
+        raise UserError(f"{man}: missing (not a quota_export build output, or the build did not finish)")
+    try:
+        m = json.loads(man.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{man}: corrupt manifest (invalid JSON: {e.msg}, line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{man}: corrupt manifest (not UTF-8 text)") from None
+    if not isinstance(m, dict):
+        raise UserError(f"{man}: corrupt manifest (expected a JSON object)")
+    for f in MANIFEST_FIELDS:
+        cur = m
+        for part in f.split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                raise UserError(f"{man}: corrupt manifest (field {f!r} missing)")
+            cur = cur[part]
+    for g in GRAPHS:
+        info = m["graphs"].get(g)
+        if not isinstance(info, dict) or not {"bytes", "sha256"} <= set(info):
+            raise UserError(f"{man}: corrupt manifest (no size / checksum for {g})")
+    return m
 
 
 @dataclass
@@ -29,39 +105,54 @@ class RunResult:
 
 
 class OrtRunner:
+    """Sessions over a build folder. `threads` 0 = $OMP_NUM_THREADS if set, else ORT's default."""
+
     def __init__(self, artifacts: str | Path, threads: int = 0):
         import onnxruntime as ort
 
         self.dir = Path(artifacts)
-        man = self.dir / "manifest.json"
-        if not self.dir.is_dir():
-            raise UserError(f"{self.dir}: artifacts folder not found")
-        if not man.is_file():
-            raise UserError(f"{man}: missing (not a quota_export build output)")
-        try:
-            self.manifest = json.loads(man.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{man}: corrupt manifest") from None
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        self.sessions = {}
+        self.manifest = read_manifest(self.dir)
+        # every graph is checked against the manifest before ORT sees it: a truncated or swapped
+        # file gets a clear message instead of a protobuf error (or worse, wrong answers)
         for g in GRAPHS:
             p = self.dir / g
             if not p.is_file():
-                raise UserError(f"{p}: graph missing")
+                raise UserError(f"{p}: graph missing (rebuild with `python -m quota_export build`)")
+            want = self.manifest["graphs"][g]
+            size = p.stat().st_size
+            if size != want["bytes"]:
+                raise UserError(f"{p}: corrupt graph ({size} bytes, the manifest records {want['bytes']}; truncated?)")
+            if _sha256(p) != want["sha256"]:
+                raise UserError(f"{p}: corrupt graph (checksum differs from the manifest; modified after the build?)")
+        so = ort.SessionOptions()
+        threads = threads or _env_threads()
+        if threads > 0:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        for k, v in SESSION_CONFIG.items():
+            so.add_session_config_entry(k, v)
+        self.session_options = so
+        self.sessions = {}
+        errors = ort_errors()
+        for g in GRAPHS:
+            p = self.dir / g
             try:
                 self.sessions[g] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own exception types
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                raise UserError(f"{p}: corrupt or unreadable graph ({first})") from None
+            except errors as e:
+                raise UserError(f"{p}: corrupt or unreadable graph ({_one_line(e)})") from None
         from transformers import AutoProcessor
 
+        from quota_export.models import quiet_hf
+
+        proc = self.dir / "processor"
+        if not proc.is_dir():
+            raise UserError(f"{proc}: missing (the build folder is incomplete)")
         try:
-            self.processor = AutoProcessor.from_pretrained(str(self.dir / "processor"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{self.dir / 'processor'}: cannot load processor ({str(e).splitlines()[0]})") from None
+            with quiet_hf():
+                self.processor = AutoProcessor.from_pretrained(str(proc))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{proc}: cannot load processor ({_one_line(e)})") from None
         m = self.manifest["model"]
         self.visual_start, self.n_visual = m["visual_start"], m["n_visual"]
         self.image_size = tuple(m["image_size"])

@@ -1,0 +1,482 @@
+"""QUOTA calibration: calibration data through the model as deployed -> schedule -> Recipe.
+
+DESIGN §4. Everything is measured under the deployed quantizers (`Deployed` built from the
+scheme, RTN weights), prefill only:
+
+    samples --prompt/embed--> h_0 --quantized unpruned prefill--> h_l (input of every layer l),
+                                                                  p_ref = softmax(logits)   (cached)
+    candidate = stages [(layer, keep, (w_m, w_a, w_r))]
+    stage j: signals (magnitude, attention, risk) = Deployed.signals on the stream stage j sees
+             (stages < j applied); sigma_j = their std over all calibration visual tokens
+             present there (SIG_DIGITS significant digits; 1 for a constant signal)
+    D(candidate) = mean over samples of KL(p_ref || p_pruned)  at the first answer position
+
+    search (deterministic; ties -> the earlier candidate in the fixed enumeration order):
+      A. shapes: 1-3 stages at layers from a grid, keeps from a geometric decay k_j = k_1 r^j
+         with k_1 the largest that meets the budget, attention-only weights
+      B. weights: coordinate descent over the stages of the best shape, each stage trying the
+         weight grid W_GRID with the others fixed, until a sweep changes nothing (<= 3 sweeps)
+      C. keeps: the best shape's layers with the other decay ratios of R_FINE, final weights
+
+A candidate is run from its first stage layer on the cached h_l, and within one batch of
+candidates, states and signals shared by a common stage prefix are computed once. The fast
+path equals `Deployed.prefill` with the same stages bit for bit (tests/test_calibrate.py).
+
+Budget: mean_l kept_l <= budget * N over all decoder layers (as `Pruning.kept_per_layer`).
+Weight quantization is RTN (`algorithm: rtn`), which needs no calibration data.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import torch
+
+from quota_export import UserError, __version__
+
+# (w_m, w_a, w_r): attention-only first, so that ties keep the simplest scorer
+W_GRID: tuple[tuple[float, float, float], ...] = (
+    (0.0, 1.0, 0.0),
+    (0.5, 1.0, 0.0),
+    (1.0, 1.0, 0.0),
+    (0.0, 1.0, 0.5),
+    (0.0, 1.0, 1.0),
+    (0.5, 1.0, 0.5),
+    (1.0, 1.0, 1.0),
+    (1.0, 0.0, 0.0),
+)
+R_SHAPES = (0.6, 0.35)  # decay ratios of the shape search (stages >= 2)
+R_FINE = (0.8, 0.7, 0.6, 0.5, 0.35, 0.25)  # decay ratios tried in phase C
+MAX_STAGES = 3
+MAX_LAYER_GRID = 8  # at most this many candidate stage layers (evenly spaced on deep models)
+SIG_DIGITS = 6
+
+
+def _sig(x: float, digits: int = SIG_DIGITS) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+# ---------------------------------------------------------------- budget arithmetic
+
+
+def budget_cap(budget: float, n_visual: int, num_layers: int) -> int:
+    """Largest total of kept visual tokens summed over layers with mean <= budget * N."""
+    return int(math.floor(budget * n_visual * num_layers + 1e-9))
+
+
+def total_kept(layers, keeps, n_visual: int, num_layers: int) -> int:
+    tot, n, j = 0, n_visual, 0
+    for l in range(num_layers):
+        while j < len(layers) and layers[j] <= l:
+            n, j = keeps[j], j + 1
+        tot += n
+    return tot
+
+
+def geometric_keeps(layers, ratio: float, n_visual: int, num_layers: int, budget: float) -> list[int] | None:
+    """keeps k_j = max(1, floor(k_1 * ratio**j)) at `layers`, with k_1 <= N the largest meeting the
+    budget; None if even k_1 = 1 does not."""
+    cap = budget_cap(budget, n_visual, num_layers)
+
+    def keeps_for(k1):
+        return [max(1, int(math.floor(k1 * ratio**j + 1e-9))) for j in range(len(layers))]
+
+    if total_kept(layers, keeps_for(1), n_visual, num_layers) > cap:
+        return None
+    lo, hi = 1, n_visual  # total is non-decreasing in k1: binary search the largest feasible
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if total_kept(layers, keeps_for(mid), n_visual, num_layers) <= cap:
+            lo = mid
+        else:
+            hi = mid - 1
+    return keeps_for(lo)
+
+
+def layer_grid(num_layers: int, n_visual: int, budget: float) -> list[int]:
+    """Candidate stage layers: all layers (<= MAX_LAYER_GRID of them, evenly spaced on deep
+    models) at which a first stage can still meet the budget, plus the later ones."""
+    if num_layers <= MAX_LAYER_GRID:
+        return list(range(num_layers))
+    step = num_layers / MAX_LAYER_GRID
+    return sorted({int(round(i * step)) for i in range(MAX_LAYER_GRID)})
+
+
+def shape_candidates(num_layers: int, n_visual: int, budget: float):
+    """Phase A shapes, in a fixed order: (layers, ratio, keeps)."""
+    grid = layer_grid(num_layers, n_visual, budget)
+    out = []
+    for s in range(1, MAX_STAGES + 1):
+        for layers in combinations(grid, s):
+            for r in (1.0,) if s == 1 else R_SHAPES:
+                keeps = geometric_keeps(layers, r, n_visual, num_layers, budget)
+                if keeps is None or keeps[0] >= n_visual:
+                    continue
+                # a stage that keeps as many as the previous one is a no-op: drop such shapes
+                if any(keeps[j] == keeps[j - 1] for j in range(1, s)):
+                    continue
+                out.append((tuple(layers), r, tuple(keeps)))
+    return out
+
+
+# ---------------------------------------------------------------- calibration samples
+
+
+def select_samples(path: str | Path, samples: int, seed: int):
+    """`samples` of the file's samples, task-balanced, chosen by `seed`: each task's samples are
+    shuffled by random.Random(seed), then taken round-robin over tasks (in order of first
+    appearance); returned in file order."""
+    from quota_export.data import load_bench
+
+    allv = load_bench(path)
+    if samples >= len(allv):
+        return allv
+    rng = random.Random(int(seed))
+    by_task: dict[str, list[int]] = {}
+    for i, s in enumerate(allv):
+        by_task.setdefault(s.task, []).append(i)
+    for idx in by_task.values():
+        rng.shuffle(idx)
+    chosen, rnd = [], 0
+    while len(chosen) < samples:
+        for idx in by_task.values():
+            if rnd < len(idx) and len(chosen) < samples:
+                chosen.append(idx[rnd])
+        rnd += 1
+    return [allv[i] for i in sorted(chosen)]
+
+
+# ---------------------------------------------------------------- the fast evaluator
+
+
+@dataclass
+class _Sample:
+    hs: list[torch.Tensor]  # unpruned input of each layer [1, T, D]
+    pos: torch.Tensor
+    start: int
+    n: int
+    ref_logp: torch.Tensor  # [V] float64 log-probs of the quantized unpruned model
+
+
+@dataclass
+class _Entry:
+    """All samples' state at the input of a stage's layer (earlier stages applied), with the
+    signals the stage scores there and their calibration statistics."""
+
+    states: list[tuple]  # per sample (h, pos, n)
+    signals: list[tuple]  # per sample (mag, att, risk), each [1, n]
+    sigma: tuple[float, float, float]  # std over all samples' tokens, SIG_DIGITS digits (1 if constant)
+    constant: tuple[bool, bool, bool]  # which signals are constant (their weight is irrelevant)
+
+
+def combine(st, mag, att, risk):
+    """s = w_m m/σ_m + w_a a/σ_a - w_r r/σ_r, the same expression (and op order) as Deployed.score."""
+    (wm, wa, wr), (sm, sa, sr) = st.w, st.sigma
+    return (wm / sm) * mag + (wa / sa) * att - (wr / sr) * risk
+
+
+def kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(p_ref || softmax(logits)) in nats (float64)."""
+    lp = torch.log_softmax(logits.double().flatten(), dim=-1)
+    return float((ref_logp.exp() * (ref_logp - lp)).sum())
+
+
+def _stats(signals: list[tuple]):
+    sigma, const = [], []
+    for k in range(3):
+        x = torch.cat([s[k].flatten() for s in signals]).double()
+        sd = float(x.std()) if x.numel() > 1 else 0.0
+        c = not sd > 1e-12 * max(1.0, float(x.abs().max()) if x.numel() else 1.0)
+        sigma.append(1.0 if c else _sig(sd))
+        const.append(c)
+    return tuple(sigma), tuple(const)
+
+
+class Evaluator:
+    """Caches the unpruned quantized stream of the calibration samples; measures candidates.
+
+    A candidate is a tuple of stages (layer, keep, (w_m, w_a, w_r)). Stage j's sigma is the std
+    of each signal over the calibration tokens present at its layer in the stream it really
+    sees (stages before it applied), so it depends on the candidate's prefix: `stage_sigmas`.
+    """
+
+    CHUNK = 16  # candidates per batch sharing one prefix memo (bounds memory)
+
+    def __init__(self, dep, prompts, progress: bool = False):
+        from tqdm import tqdm
+
+        from quota_export.reference import rmsnorm
+
+        self.dep = dep
+        self.L = dep.spec.num_layers
+        self._rmsnorm = rmsnorm
+        self.samples: list[_Sample] = []
+        self.cache: dict[tuple, float] = {}
+        self.sigma_cache: dict[tuple, tuple] = {}  # (prefix, layer) -> (sigma, constant)
+        self.evals = 0
+        with torch.no_grad():
+            for p in tqdm(prompts, desc="calibrate: reference", disable=not progress, unit="sample"):
+                h = dep.embed_prompt(p)
+                pos = torch.arange(h.shape[1])[None]
+                hs = []
+                for l in range(self.L):
+                    hs.append(h)
+                    h, _ = dep.layer(l, h, pos)
+                ref = torch.log_softmax(self._head(h).double().flatten(), dim=-1)
+                self.samples.append(_Sample(hs, pos, p.visual_start, p.n_visual, ref))
+        self.n_visual = self.samples[0].n if self.samples else 0
+
+    def _head(self, h):
+        d = self.dep
+        return self._rmsnorm(h[:, -1], d.norm, d.spec.rms_eps) @ d.lm_head.T
+
+    @torch.no_grad()
+    def _entry(self, prefix: tuple, layer: int, memo: dict) -> _Entry:
+        key = (prefix, layer)
+        if key in memo:
+            return memo[key]
+        if not prefix:
+            states = [(s.hs[layer], s.pos, s.n) for s in self.samples]
+        else:
+            parent = self._entry(prefix[:-1], prefix[-1][0], memo)
+            states = [self._advance(smp, st, sg, parent.sigma, prefix[-1], layer)
+                      for smp, st, sg in zip(self.samples, parent.states, parent.signals)]
+        signals = [self.dep.signals(layer, h, pos, smp.start, n) for smp, (h, pos, n) in zip(self.samples, states)]
+        sigma, const = _stats(signals)
+        self.sigma_cache[key] = (sigma, const)
+        memo[key] = e = _Entry(states, signals, sigma, const)
+        return e
+
+    def _advance(self, smp: _Sample, state, signals, sigma, stage, to_layer: int):
+        """Prune `state` at `stage` (scored from `signals`), then run its layer .. to_layer - 1."""
+        from quota_export.prune.topk import stable_topk
+        from quota_export.reference import StageCfg
+
+        h, pos, n = state
+        layer, keep, w = stage
+        start = smp.start
+        idx = stable_topk(combine(StageCfg(layer, keep, w, sigma), *signals), keep)
+        h = torch.cat([h[:, :start], h[:, start + idx[0]], h[:, start + n :]], dim=1)
+        pos = torch.cat([pos[:, :start], pos[:, start + idx[0]], pos[:, start + n :]], dim=1)
+        for l in range(layer, to_layer):
+            h, _ = self.dep.layer(l, h, pos)
+        return h, pos, keep
+
+    def stage_sigmas(self, cand: tuple) -> list[tuple[float, float, float]]:
+        """The sigma of each stage of a candidate (measured on the stream that stage sees)."""
+        out = []
+        for j, st in enumerate(cand):
+            key = (cand[:j], st[0])
+            if key not in self.sigma_cache:
+                self._entry(cand[:j], st[0], {})
+            out.append(self.sigma_cache[key][0])
+        return out
+
+    def constant(self, prefix: tuple, layer: int) -> tuple[bool, bool, bool]:
+        key = (prefix, layer)
+        if key not in self.sigma_cache:
+            self._entry(prefix, layer, {})
+        return self.sigma_cache[key][1]
+
+    @torch.no_grad()
+    def divergence(self, cands: list[tuple], bar=None) -> list[float]:
+        """Mean KL for each candidate; cached across calls."""
+        todo = [c for c in dict.fromkeys(cands) if c not in self.cache]
+        for i in range(0, len(todo), self.CHUNK):
+            memo: dict = {}
+            for c in todo[i : i + self.CHUNK]:
+                if not c:
+                    self.cache[c] = 0.0
+                else:
+                    e = self._entry(c[:-1], c[-1][0], memo)
+                    tot = 0.0
+                    for smp, st, sg in zip(self.samples, e.states, e.signals):
+                        h, _, _ = self._advance(smp, st, sg, e.sigma, c[-1], self.L)
+                        tot += kl(smp.ref_logp, self._head(h))
+                    self.cache[c] = tot / len(self.samples)
+                self.evals += 1
+                if bar is not None:
+                    bar.update()
+        return [self.cache[c] for c in cands]
+
+
+# ---------------------------------------------------------------- search
+
+
+@dataclass
+class SearchResult:
+    stages: tuple  # of (layer, keep, (w_m, w_a, w_r))
+    sigmas: list  # per stage (sigma_m, sigma_a, sigma_r)
+    divergence: float
+    naive_divergence: float
+    evals: int
+    num_layers: int
+
+
+def naive_stages(n_visual: int, budget: float) -> tuple:
+    """One attention-only stage at layer 0 keeping floor(budget * N): the reference point."""
+    k = max(1, int(math.floor(budget * n_visual + 1e-9)))
+    return ((0, k, W_GRID[0]),)
+
+
+def _best(cands, divs):
+    """Lowest divergence; ties -> the earliest candidate."""
+    i = min(range(len(cands)), key=lambda i: (divs[i], i))
+    return cands[i], divs[i]
+
+
+def search(ev: Evaluator, budget: float, progress: bool = False) -> SearchResult:
+    from tqdm import tqdm
+
+    N, L = ev.n_visual, ev.L
+    naive = naive_stages(N, budget)
+    if budget_cap(budget, N, L) >= N * L:  # no pruning needed
+        return SearchResult((), [], 0.0, 0.0, 0, L)
+
+    def build(layers, keeps, ws):
+        return tuple(zip(layers, keeps, ws))
+
+    def weight_options(cand, j):
+        """W_GRID without vectors equivalent to an earlier one (a constant signal's weight is moot)."""
+        const = ev.constant(cand[:j], cand[j][0])
+        seen, out = set(), []
+        for w in W_GRID:
+            eff = tuple(0.0 if const[i] else w[i] for i in range(3))
+            if sum(eff) == 0 or eff in seen:
+                continue
+            seen.add(eff)
+            out.append(w)
+        return out
+
+    shapes = shape_candidates(L, N, budget)
+    if not shapes:
+        raise UserError(f"budget {budget}: no schedule of {N} visual tokens over {L} layers meets it")
+    bar = tqdm(desc="calibrate: search", disable=not progress, unit="cand", total=len(shapes) + 1)
+    ev.divergence([naive], bar)
+    # A. shapes, attention-only weights
+    cands = [build(ls, ks, [W_GRID[0]] * len(ls)) for ls, _, ks in shapes]
+    best, best_d = _best(cands, ev.divergence(cands, bar))
+    layers = [s[0] for s in best]
+    keeps = [s[1] for s in best]
+    ws = [s[2] for s in best]
+    # B. weights: coordinate descent over the stages
+    for _sweep in range(3):
+        changed = False
+        for j in range(len(ws)):
+            cands = [build(layers, keeps, ws[:j] + [w] + ws[j + 1 :]) for w in weight_options(best, j)]
+            bar.total += len(cands)
+            c, d = _best(cands, ev.divergence(cands, bar))
+            if d < best_d and c != best:
+                best, best_d, ws, changed = c, d, [s[2] for s in c], True
+        if not changed:
+            break
+    # C. keeps: other decay ratios for the chosen layers
+    if len(layers) > 1:
+        cands = [best]
+        for r in R_FINE:
+            ks = geometric_keeps(layers, r, N, L, budget)
+            if ks is not None and all(ks[j] < ks[j - 1] for j in range(1, len(ks))) and ks[0] < N:
+                cands.append(build(layers, ks, ws))
+        bar.total += len(cands)
+        best, best_d = _best(cands, ev.divergence(cands, bar))
+    bar.close()
+    return SearchResult(best, ev.stage_sigmas(best), best_d, ev.cache[naive], ev.evals, L)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"quota_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def default_name(model: str | Path, scheme: str, budget: float) -> str:
+    import re
+
+    base = re.sub(r"[^A-Za-z0-9._-]", "-", Path(str(model)).resolve().name or "model").lstrip("._-") or "model"
+    return f"{base}-quota-{scheme}-b{budget:g}"
+
+
+def calibrate(model: str | Path, data: str | Path, budget: float, scheme: str = "w4a4kv4", samples: int = 64,
+              seed: int = 0, name: str | None = None, progress: bool = False):
+    """Run QUOTA; returns (Recipe, SearchResult).
+
+    Same model, data, budget, scheme, samples and seed -> the same recipe bytes: the search has
+    no randomness but the seeded sample choice, ties go to the earlier candidate, measured
+    constants are rounded to SIG_DIGITS digits, and torch runs on one thread meanwhile (so the
+    float reductions do not depend on the machine's core count).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _calibrate(model, data, budget, scheme, samples, seed, name, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _calibrate(model, data, budget, scheme, samples, seed, name, progress):
+    from quota_export import models
+    from quota_export.data import load_image
+    from quota_export.recipe import (
+        SCHEMES,
+        Calibration,
+        Pruning,
+        Quant,
+        Recipe,
+        ScoreSigma,
+        ScoreWeights,
+        Stage,
+    )
+    from quota_export.reference import DeployConfig, Deployed
+
+    if scheme not in SCHEMES:
+        raise UserError(f"--scheme: unknown scheme {scheme!r} (known: {', '.join(SCHEMES)})")
+    if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+        raise UserError(f"--budget: {budget} must be in (0, 1]")
+    if samples < 1:
+        raise UserError(f"--samples: {samples} must be >= 1")
+    adapter = models.load(model)
+    spec = adapter.decoder_spec()
+    N = adapter.n_visual()
+    quant = Quant(scheme=scheme)
+    probe = Recipe(name="probe", model=str(model), quant=quant,
+                   pruning=Pruning(budget=1.0, n_visual=N, stages=[]))
+    probe.check_against(spec.num_layers, N, adapter.module_names())
+    cfg = DeployConfig.from_recipe(probe)
+    if cfg.w_algorithm != "rtn":
+        raise UserError("calibrate: only rtn weight quantization is implemented")
+    dep = Deployed(adapter, cfg)
+    chosen = select_samples(data, samples, seed)
+    prompts = [adapter.prompt(load_image(s), s.question) for s in chosen]
+    ev = Evaluator(dep, prompts, progress)
+    res = search(ev, float(budget), progress)
+    stages = [
+        Stage(layer=l, keep=k, weights=ScoreWeights(magnitude=w[0], attention=w[1], risk=w[2]),
+              sigma=ScoreSigma(magnitude=s[0], attention=s[1], risk=s[2]))
+        for (l, k, w), s in zip(res.stages, res.sigmas)
+    ]
+    recipe = Recipe(
+        name=name or default_name(model, scheme, budget),
+        model=str(model),
+        quant=quant,
+        pruning=Pruning(budget=float(budget), n_visual=N, stages=stages, method="quota"),
+        calibration=Calibration(
+            data=str(data),
+            samples=len(chosen),
+            seed=int(seed),
+            method="quota",
+            divergence=_sig(res.divergence),
+            versions=versions(),
+            notes=(f"KL(quantized unpruned || quantized pruned) at the first answer position, mean over "
+                   f"samples; naive schedule (one attention-only stage at layer 0) {_sig(res.naive_divergence)}; "
+                   f"{res.evals} candidates evaluated"),
+        ),
+    )
+    recipe.check_against(spec.num_layers, N, adapter.module_names())
+    return recipe, res

@@ -1,0 +1,151 @@
+"""QUOTA calibration on the tiny model: determinism, validity, budget, and the search beats naive."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from quota_export.calibrate import (
+    Evaluator,
+    calibrate,
+    geometric_keeps,
+    kl,
+    select_samples,
+    shape_candidates,
+    total_kept,
+)
+from quota_export.recipe import load_recipe, save_recipe
+
+torch.set_num_threads(1)
+DATA = "calib_data/shapes/calib.jsonl"
+SAMPLES = 6
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_llava, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calib")
+    paths = []
+    for i in range(2):
+        recipe, res = calibrate(tiny_llava, DATA, 0.3, "w4a4kv4", SAMPLES, seed=3, name="tiny-q")
+        p = out / f"r{i}.yaml"
+        save_recipe(recipe, p)
+        paths.append(p)
+    return paths, res
+
+
+def test_same_seed_same_bytes(calibrated):
+    (a, b), _ = calibrated
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_recipe_validates_and_meets_budget(calibrated, tiny_llava):
+    from quota_export import models
+
+    (path, _), res = calibrated
+    r = load_recipe(path)
+    ad = models.load(tiny_llava)
+    L = ad.decoder_spec().num_layers
+    r.check_against(L, ad.n_visual(), ad.module_names())  # raises if over budget
+    assert r.pruning.stages and r.mean_keep_fraction(L) <= 0.3 + 1e-12
+    c = r.calibration
+    assert (c.method, c.samples, c.seed, c.data) == ("quota", SAMPLES, 3, DATA)
+    assert c.divergence is not None and "torch" in c.versions
+    for s in r.pruning.stages:
+        assert s.sigma.magnitude > 0 and s.sigma.attention > 0 and s.sigma.risk > 0
+
+
+def _divergence_via_reference(dep, prompts):
+    """Mean KL(unpruned || pruned) computed with Deployed.prefill only (independent of the fast path)."""
+    from quota_export.prune.baselines import restaged
+
+    full = restaged(dep, [])
+    tot = 0.0
+    for p in prompts:
+        emb = dep.embed_prompt(p)
+        pos = torch.arange(emb.shape[1])[None]
+        ref = torch.log_softmax(full.prefill(emb, pos, p.visual_start, p.n_visual).logits.double().flatten(), -1)
+        tot += kl(ref, dep.prefill(emb, pos, p.visual_start, p.n_visual).logits)
+    return tot / len(prompts)
+
+
+def test_divergence_matches_reference_and_beats_naive(calibrated, tiny_llava):
+    from quota_export.build import load_deployed
+    from quota_export.data import load_image
+    from quota_export.recipe import Stage
+
+    (path, _), res = calibrated
+    r = load_recipe(path)
+    ad, dep = load_deployed(r)
+    prompts = [ad.prompt(load_image(s), s.question) for s in select_samples(DATA, SAMPLES, 3)]
+    d = _divergence_via_reference(dep, prompts)
+    assert d == pytest.approx(r.calibration.divergence, rel=1e-5, abs=1e-12)
+    # naive: one attention-only stage at layer 0 keeping floor(budget * N)
+    naive = r.model_copy(deep=True)
+    naive.pruning.stages = [Stage(layer=0, keep=int(0.3 * 144), sigma=r.pruning.stages[0].sigma)]
+    _, ndep = load_deployed(naive)
+    assert d <= _divergence_via_reference(ndep, prompts) + 1e-12
+
+
+def test_fast_path_equals_reference_prefill(tiny_llava):
+    """Evaluator (cached prefix, memoised stages, stream-measured sigmas) == Deployed.prefill bit for bit."""
+    from quota_export import models
+    from quota_export.data import load_bench, load_image
+    from quota_export.prune.baselines import restaged
+    from quota_export.recipe import DEFAULT_TARGETS
+    from quota_export.reference import DeployConfig, Deployed, StageCfg
+
+    ad = models.load(tiny_llava)
+    dep = Deployed(ad, DeployConfig(w_bits=4, a_bits=4, kv_bits=4, targets=list(DEFAULT_TARGETS)))
+    prompts = [ad.prompt(load_image(s), s.question) for s in load_bench(DATA, limit=2)]
+    ev = Evaluator(dep, prompts)
+    cand = ((1, 40, (0.5, 1.0, 0.5)), (2, 20, (1.0, 1.0, 1.0)), (3, 7, (0.0, 1.0, 0.0)))
+    other = cand[:2] + ((3, 9, (1.0, 0.0, 0.0)),)
+    d_other, d = ev.divergence([other, cand])  # one batch: `cand` reuses `other`'s prefix
+    sig = ev.stage_sigmas(cand)
+    assert sig[:2] == ev.stage_sigmas(other)[:2]
+    ref_dep = restaged(dep, [])
+    ref_dep.cfg.stages = [StageCfg(l, k, w, s) for (l, k, w), s in zip(cand, sig)]
+    ref_dep.stage_at = {s.layer: s for s in ref_dep.cfg.stages}
+    tot = 0.0
+    for smp, p in zip(ev.samples, prompts):
+        emb = dep.embed_prompt(p)
+        out = ref_dep.prefill(emb, torch.arange(emb.shape[1])[None], p.visual_start, p.n_visual)
+        tot += kl(smp.ref_logp, out.logits)
+    assert tot / len(prompts) == d  # bit for bit
+    # sigma of stage 2 is measured on the stream after stage 1 (not the unpruned one)
+    unpruned = ev.stage_sigmas(((2, 20, (0.0, 1.0, 0.0)),))[0]
+    assert unpruned != sig[1]
+
+
+def test_schedule_family_meets_budget():
+    for L, budget in ((6, 0.3), (4, 0.3), (6, 0.5), (32, 0.2)):
+        cap = int(budget * 144 * L + 1e-9)
+        shapes = shape_candidates(L, 144, budget)
+        assert shapes
+        for layers, r, keeps in shapes:
+            assert total_kept(layers, keeps, 144, L) <= cap
+            assert list(layers) == sorted(set(layers))
+            assert all(keeps[j] < keeps[j - 1] for j in range(1, len(keeps)))
+    # maximal: one more token at the first stage breaks the budget
+    ks = geometric_keeps((1, 3), 0.5, 144, 6, 0.3)
+    assert total_kept((1, 3), ks, 144, 6) <= 259 < total_kept((1, 3), [ks[0] + 1, (ks[0] + 1) // 2], 144, 6)
+
+
+def test_select_samples_seeded_and_balanced():
+    a = select_samples(DATA, 12, 0)
+    assert [s.id for s in a] == [s.id for s in select_samples(DATA, 12, 0)]
+    assert [s.id for s in a] != [s.id for s in select_samples(DATA, 12, 1)]
+    assert sorted({s.task for s in a}) == sorted({"exist", "attribute", "count", "spatial", "choice", "digit"})
+    assert all(sum(s.task == t for s in a) == 2 for t in {s.task for s in a})
+
+
+def test_cli(tiny_llava, tmp_path, capsys):
+    from quota_export.__main__ import main
+
+    out = tmp_path / "r.yaml"
+    assert main(["calibrate", "--model", str(tiny_llava), "--data", DATA, "--budget", "0.4",
+                 "--samples", "2", "--name", "cli-r", "-o", str(out)]) == 0
+    r = load_recipe(out)
+    assert r.name == "cli-r" and r.pruning.budget == 0.4 and r.calibration.samples == 2
+    assert "divergence" in capsys.readouterr().out
+    assert main(["calibrate", "--model", str(tiny_llava), "--data", DATA, "--budget", "1.5", "-o", str(out)]) == 2

@@ -1,0 +1,90 @@
+"""Benchmark harness: runs on a tiny slice, JSON keys, scoring and retention arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from quota_export.evaluate import (
+    JSON_KEYS,
+    choice_letter,
+    is_correct,
+    mean_kl,
+    per_task_accuracy,
+    retention,
+)
+
+torch.set_num_threads(1)
+BENCH = "calib_data/shapes/test.jsonl"
+
+
+def test_retention_arithmetic():
+    fp = {"a": 0.8, "b": 0.5, "c": 0.0}
+    got = {"a": 0.4, "b": 0.5, "c": 0.3}
+    assert retention(got, fp) == pytest.approx((0.5 + 1.0) / 2)  # task c: FP 0 -> not counted
+    assert retention(fp, fp) == 1.0
+    assert math.isnan(retention(got, {"c": 0.0}))
+    assert per_task_accuracy(["a", "b", "a", "a"], [True, False, False, True]) == {"a": 2 / 3, "b": 0.0}
+
+
+def test_scoring_rules():
+    assert is_correct(" Yes ", "yes") and not is_correct("yes no", "yes")
+    opts = ["red", "green", "blue", "cyan"]
+    assert is_correct("C", "C", opts) and is_correct("c .", "C", opts) and is_correct("blue", "C", opts)
+    assert not is_correct("red", "C", opts) and choice_letter("purple", opts) is None
+
+
+def test_mean_kl():
+    a = torch.log_softmax(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], dtype=torch.float64), -1)
+    assert mean_kl(a, a) == pytest.approx(0.0, abs=1e-15)
+    b = torch.log_softmax(torch.zeros(2, 3, dtype=torch.float64), -1)
+    assert mean_kl(a, b) > 0
+
+
+def test_eval_cli_tiny_slice(tiny_llava, tmp_path, capsys):
+    from quota_export.__main__ import main
+
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--model", str(tiny_llava), "--bench", BENCH, "--method", "fastv", "--quant", "w4a4kv4",
+               "--budget", "0.3", "--samples", "6", "--json", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert tuple(d) == JSON_KEYS
+    assert set(d["per_task"]) == {"exist", "attribute", "count", "spatial", "choice", "digit"}
+    assert d["kl"] >= 0 and 0 <= d["agreement"] <= 1
+    assert "retention" in capsys.readouterr().out
+
+
+def test_harness_methods(tiny_llava, tmp_path):
+    from quota_export.calibrate import calibrate
+    from quota_export.evaluate import Harness
+
+    h = Harness(tiny_llava, BENCH, samples=4)
+    fp = h.evaluate("fp")
+    assert fp["agreement"] == 1.0 and fp["kl"] == pytest.approx(0.0, abs=1e-12) and fp["mean_kept"] == 1.0
+    assert h.fp_reference() is h.fp_reference()  # cached
+    for m in ("random", "divprune"):
+        r = h.evaluate(m, "w4a4kv4", 0.3)
+        assert r["mean_kept"] <= 0.3
+    recipe, _ = calibrate(tiny_llava, "calib_data/shapes/calib.jsonl", 0.3, "w4a4kv4", 2, 0)
+    q = h.evaluate("quota", recipe=recipe)
+    assert q["mean_kept"] <= 0.3 and q["kl"] >= 0
+    blank = h.run("none", "w4a4kv4", blank=True)
+    assert len(blank.answers) == 4
+    with pytest.raises(Exception, match="needs --budget"):
+        h.run("pdrop", "w4a4kv4")
+
+
+def test_blank_image_shapes(tiny_llava):
+    from calib_data.shapes import render, make_scene
+    from quota_export import models
+    from quota_export.evaluate import blank_image
+
+    ad = models.load(tiny_llava)
+    import numpy as np
+
+    assert np.array_equal(blank_image(ad, BENCH), render(make_scene(5), blank=True))
+    assert not blank_image(ad, "/tmp/elsewhere/b.jsonl").any()
