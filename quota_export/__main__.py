@@ -14,6 +14,11 @@ from pathlib import Path
 
 from quota_export import UserError
 
+if __name__ == "__main__":
+    # `python -m quota_export` runs this file as `__main__`; the cli_* modules import
+    # `quota_export.__main__` to register their commands: make that the same module.
+    sys.modules.setdefault("quota_export.__main__", sys.modules[__name__])
+
 COMMANDS: dict[str, tuple[str, callable, callable]] = {}
 
 
@@ -61,8 +66,6 @@ def cmd_build(a) -> int:
         raise UserError(f"--samples: must be at least 1, got {a.samples}")
     recipe = load_recipe(a.recipe)
     target = a.target or recipe.export.targets[0]
-    if target == "tensorrt":
-        raise UserError("--target tensorrt: the TensorRT lowering is not implemented yet (use --target onnx)")
     try:
         res = build(recipe, a.out, a.bench, a.samples, progress=_progress(), target=target, log=_say)
     except ParityError as e:  # the graphs are wrong, not the input: exit 1, as `verify` does
@@ -74,6 +77,11 @@ def cmd_build(a) -> int:
     print(summary_line(man["parity"], man["parity"].get("data")))
     for line in next_steps(res):
         print(line)
+    eng = man.get("engines")
+    if eng is not None and not eng["built"]:
+        # the TensorRT-ready graphs are written and checked on ONNX Runtime; engines are not
+        print(f"error: no TensorRT engine built: {eng['reason']} (TensorRT-ready ONNX is in {res.out}/)", file=sys.stderr)
+        return 3
     return 0
 
 

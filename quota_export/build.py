@@ -237,9 +237,9 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
 
     say = log or (lambda _msg: None)
     t0 = time.monotonic()
-    out = Path(out) if out else Path("graphs") / recipe.name
-    if target != "onnx":
-        raise UserError(f"target {target!r}: only the 'onnx' lowering is implemented")
+    out = Path(out) if out else Path("graphs") / (recipe.name if target == "onnx" else f"{recipe.name}-{target}")
+    if target not in ("onnx", "tensorrt"):
+        raise UserError(f"target {target!r}: known targets are onnx, tensorrt")
     max_opset = onnx.defs.onnx_opset_version()
     if recipe.export.opset > max_opset:
         raise UserError(f"export.opset: {recipe.export.opset} is newer than the installed onnx supports ({max_opset})")
@@ -256,10 +256,20 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
         data = parity_items(adapter, recipe, samples, bench)  # a bad --bench fails before the slow part
         probe = adapter.prompt(np.zeros((*adapter.image_size(), 3), np.uint8), "describe image")
 
-        say(f"[2/{STEPS}] lowering to ONNX (opset {recipe.export.opset})")
-        from quota_export.lower import onnx_target
+        say(f"[2/{STEPS}] lowering to ONNX (opset {recipe.export.opset}, target {target})")
+        if target == "tensorrt":
+            from quota_export.lower import tensorrt_target
 
-        graphs = onnx_target.lower(dep, probe.visual_start, recipe.export.opset)
+            graphs = tensorrt_target.lower(dep, probe.visual_start, recipe.export.opset)
+            bad = tensorrt_target.violations(graphs)
+            if bad:
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise UserError(f"target tensorrt: the graphs break TensorRT's operator rules: {bad[0]}{more}")
+            say("      TensorRT operator rules: all graphs pass (lower/trt_check.py)")
+        else:
+            from quota_export.lower import onnx_target
+
+            graphs = onnx_target.lower(dep, probe.visual_start, recipe.export.opset)
 
         say(f"[3/{STEPS}] writing graphs")
         from quota_export.models import quiet_hf
@@ -288,7 +298,11 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
             "schedule": [{"layer": s.layer, "keep": s.keep} for s in dep.cfg.stages],
             "kept_per_layer": recipe.kept_per_layer(spec.num_layers),
             "kv_cache": {"bits": dep.cfg.kv_bits, "group_size": dep.cfg.kv_group or spec.head_dim},
-            "export": {"opset": recipe.export.opset, "max_new_tokens": recipe.export.max_new_tokens},
+            "export": {
+                "opset": recipe.export.opset,
+                "max_new_tokens": recipe.export.max_new_tokens,
+                "max_seq": recipe.export.max_seq,
+            },
             "graphs": {n: {**files[n], **io_spec(m)} for n, m in graphs.items()},
             "versions": versions(),
         }
@@ -308,6 +322,10 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
             )
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
+        if target == "tensorrt":
+            manifest["engines"] = _engines(tmp, say)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
         say(f"[5/{STEPS}] publishing {out}")
         try:
             _publish(tmp, out)
@@ -320,6 +338,23 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
             shutil.rmtree(tmp, ignore_errors=True)
         if not ok:
             _remove_empty(created)
+
+
+def _engines(folder: Path, say) -> dict:
+    """TensorRT engines where TensorRT and a GPU exist; otherwise the one-line reason why not.
+
+    The graphs' numerics were checked on ONNX Runtime (gathers inlined) above. Engine parity
+    needs a TensorRT runner, which this project has not written yet: a built engine is recorded
+    as built, never as verified."""
+    from quota_export.lower import tensorrt_target
+
+    reason = tensorrt_target.engine_unavailable_reason()
+    if reason:
+        return {"built": False, "verified": False, "reason": reason}
+    engines = tensorrt_target.build_engines(folder)
+    say(f"      built {len(engines)} TensorRT engines (not verified: no TensorRT runner yet)")
+    return {"built": True, "verified": False, "files": [p.name for p in engines],
+            "reason": "engine parity needs a TensorRT runner (not implemented)"}
 
 
 def next_steps(res: BuildResult) -> list[str]:

@@ -98,12 +98,16 @@ def geometric_keeps(layers, ratio: float, n_visual: int, num_layers: int, budget
 
 
 def layer_grid(num_layers: int, n_visual: int, budget: float) -> list[int]:
-    """Candidate stage layers: all layers (<= MAX_LAYER_GRID of them, evenly spaced on deep
-    models) at which a first stage can still meet the budget, plus the later ones."""
+    """Candidate stage layers: every layer on models of <= MAX_LAYER_GRID layers; on deeper ones
+    MAX_LAYER_GRID evenly spaced layers plus 4 evenly spaced over the early layers at which a
+    first stage can still meet the budget (l < budget * L). Infeasible shapes are dropped later."""
     if num_layers <= MAX_LAYER_GRID:
         return list(range(num_layers))
     step = num_layers / MAX_LAYER_GRID
-    return sorted({int(round(i * step)) for i in range(MAX_LAYER_GRID)})
+    grid = {int(round(i * step)) for i in range(MAX_LAYER_GRID)}
+    early = max(0, math.ceil(budget * num_layers) - 1)
+    grid |= {int(round(i * early / 3)) for i in range(4)}
+    return sorted(grid)
 
 
 def shape_candidates(num_layers: int, n_visual: int, budget: float):

@@ -33,6 +33,8 @@ from quota_export.quant.quantizers import (
     quantize_weight,
 )
 
+SCORE_GRID_BITS = 10  # scores are compared at a resolution of 2^-10 (recipe sigmas make them O(1))
+
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -285,7 +287,12 @@ class Deployed:
     def score(self, stage, layer, h, pos, start, n):
         mag, att, risk = self.signals(layer, h, pos, start, n)
         (wm, wa, wr), (sm, sa, sr) = stage.w, stage.sigma
-        return (wm / sm) * mag + (wa / sa) * att - (wr / sr) * risk
+        s = (wm / sm) * mag + (wa / sa) * att - (wr / sr) * risk
+        # Scores live on a grid of 2^-SCORE_GRID_BITS: tokens closer than that tie exactly and the
+        # lower index wins, so float noise (different summation orders in the graphs) cannot
+        # reorder near-identical tokens (e.g. background patches) -- only a token sitting on a grid
+        # boundary can move. Multiplying by a power of two is exact.
+        return torch.round(s * float(2**SCORE_GRID_BITS))
 
     # ------------------------------------------------------------ forward / generate
     @torch.no_grad()
@@ -340,9 +347,10 @@ class Deployed:
         return emb
 
     @torch.no_grad()
-    def generate(self, prompt, max_new_tokens: int = 8, keep_fn=None):
-        """Greedy decode. Returns (token ids, PrefillOut)."""
-        emb = self.embed_prompt(prompt)
+    def generate(self, prompt, max_new_tokens: int = 8, keep_fn=None, embeds=None):
+        """Greedy decode. Returns (token ids, PrefillOut). `embeds` [1,T,D] replaces the merged
+        prompt embeddings (parity feeds the decoder the vision graph's own features)."""
+        emb = self.embed_prompt(prompt) if embeds is None else embeds.float()
         T = emb.shape[1]
         pos = torch.arange(T)[None]
         out = self.prefill(emb, pos, prompt.visual_start, prompt.n_visual, keep_fn=keep_fn)

@@ -25,7 +25,7 @@ import onnx
 from quota_export.lower.gather_onnx import build_gather_subgraph, build_plugin_node
 from quota_export.lower.graph import FLOAT, INT64, UINT8, Graph
 from quota_export.quant.quantizers import EPS
-from quota_export.reference import LINEARS, Deployed
+from quota_export.reference import LINEARS, SCORE_GRID_BITS, Deployed
 
 SHORT = {
     "self_attn.q_proj": "attn/q_proj",
@@ -345,7 +345,8 @@ class DecoderLowering:
                         dn = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [b, b]), self.ax(g, [1, 3])], keepdims=0)])
                         risk = g.op("Add", [risk, g.op("Div", [nn, g.op("Max", [dn, g.const(1e-12)])])], name=f"risk_{nm}")
             score = g.op("Add", [g.op("Mul", [g.const(wm / sm), mag]), g.op("Mul", [g.const(wa / sa), att])])
-            score = g.op("Sub", [score, g.op("Mul", [g.const(wr / sr), risk])], name="score")
+            score = g.op("Sub", [score, g.op("Mul", [g.const(wr / sr), risk])], name="score_raw")
+            score = g.op("Round", [g.op("Mul", [score, g.const(float(2**SCORE_GRID_BITS))])], name="score")
             prefix = f"/model/layers.{l}/prune/gather"
             build = build_plugin_node if self.target == "tensorrt" else build_gather_subgraph
             kw = {"position_ids_rank": 3} if self.dep.rope_planes is not None else {}

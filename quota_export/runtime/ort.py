@@ -138,7 +138,15 @@ class OrtRunner:
         for g in GRAPHS:
             p = self.dir / g
             try:
-                self.sessions[g] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+                src = str(p)
+                if self.manifest.get("target") == "tensorrt" and g == "prefill.onnx":
+                    # ONNX Runtime has no quota::TokenGather: run the same gather in standard ops
+                    import onnx
+
+                    from quota_export.lower.tensorrt_target import inline_token_gathers
+
+                    src = inline_token_gathers(onnx.load(str(p))).SerializeToString()
+                self.sessions[g] = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
             except errors as e:
                 raise UserError(f"{p}: corrupt or unreadable graph ({_one_line(e)})") from None
         from transformers import AutoProcessor
