@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from quota_export import UserError, __version__
+from quota_export.prune.schedule import budget_cap, geometric_keeps, total_kept  # noqa: F401
 
 # (w_m, w_a, w_r): attention-only first, so that ties keep the simplest scorer
 W_GRID: tuple[tuple[float, float, float], ...] = (
@@ -61,40 +62,6 @@ def _sig(x: float, digits: int = SIG_DIGITS) -> float:
 
 
 # ---------------------------------------------------------------- budget arithmetic
-
-
-def budget_cap(budget: float, n_visual: int, num_layers: int) -> int:
-    """Largest total of kept visual tokens summed over layers with mean <= budget * N."""
-    return int(math.floor(budget * n_visual * num_layers + 1e-9))
-
-
-def total_kept(layers, keeps, n_visual: int, num_layers: int) -> int:
-    tot, n, j = 0, n_visual, 0
-    for l in range(num_layers):
-        while j < len(layers) and layers[j] <= l:
-            n, j = keeps[j], j + 1
-        tot += n
-    return tot
-
-
-def geometric_keeps(layers, ratio: float, n_visual: int, num_layers: int, budget: float) -> list[int] | None:
-    """keeps k_j = max(1, floor(k_1 * ratio**j)) at `layers`, with k_1 <= N the largest meeting the
-    budget; None if even k_1 = 1 does not."""
-    cap = budget_cap(budget, n_visual, num_layers)
-
-    def keeps_for(k1):
-        return [max(1, int(math.floor(k1 * ratio**j + 1e-9))) for j in range(len(layers))]
-
-    if total_kept(layers, keeps_for(1), n_visual, num_layers) > cap:
-        return None
-    lo, hi = 1, n_visual  # total is non-decreasing in k1: binary search the largest feasible
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if total_kept(layers, keeps_for(mid), n_visual, num_layers) <= cap:
-            lo = mid
-        else:
-            hi = mid - 1
-    return keeps_for(lo)
 
 
 def layer_grid(num_layers: int, n_visual: int, budget: float) -> list[int]:
@@ -225,7 +192,7 @@ class Evaluator:
         with torch.no_grad():
             for p in tqdm(prompts, desc="calibrate: reference", disable=not progress, unit="sample"):
                 h = dep.embed_prompt(p)
-                pos = torch.arange(h.shape[1])[None]
+                pos = p.positions()
                 hs = []
                 for l in range(self.L):
                     hs.append(h)

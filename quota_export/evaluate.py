@@ -221,7 +221,7 @@ class Harness:
 
         def keep_fn_for(i, p):
             emb = fp.embed_prompt(p)
-            pos = torch.arange(emb.shape[1])[None]
+            pos = p.positions()
             return baselines.stagewise_keep_fn(method, fp, sched, emb, pos, p.visual_start, p.n_visual, seed=i)
 
         return self._generate(qdep, prompts, keep_fn_for if sched else None, desc=f"eval {method} {quant}")

@@ -134,6 +134,14 @@ class PrefillOut:
     position_ids: torch.Tensor  # [1, T'] after the last stage
 
 
+def decode_position(p: int, prompt_pos: torch.Tensor) -> torch.Tensor:
+    """Position ids of one decode step at position p: [1,1], or [P,1,1] (p in every plane) when the
+    prompt's positions are M-RoPE planes [P,1,T]."""
+    if prompt_pos.dim() == 3:
+        return torch.full((prompt_pos.shape[0], 1, 1), p, dtype=torch.long)
+    return torch.tensor([[p]])
+
+
 def rmsnorm(x, weight, eps):
     v = x.pow(2).mean(-1, keepdim=True)
     return weight * (x * torch.rsqrt(v + eps))
@@ -297,7 +305,7 @@ class Deployed:
     # ------------------------------------------------------------ forward / generate
     @torch.no_grad()
     def prefill(self, embeds, pos, start: int, n: int, keep_fn=None) -> PrefillOut:
-        """embeds [1,T,D] float, pos [1,T] int64. `keep_fn(stage, layer, h, pos, start, n)`, if
+        """embeds [1,T,D] float, pos [1,T] (or M-RoPE planes [P,1,T]) int64. `keep_fn(stage, layer, h, pos, start, n)`, if
         given, replaces the recipe's scorer (used by the stage-wise baselines), returning [1,k]."""
         h = embeds.float()
         orig = torch.arange(n)[None]
@@ -323,7 +331,7 @@ class Deployed:
 
     @torch.no_grad()
     def decode(self, emb, pos, cache: list[LayerKV]):
-        """One step: emb [1,1,D], pos [1,1]; appends to each layer's cache in place."""
+        """One step: emb [1,1,D], pos [1,1] (or [P,1,1] for M-RoPE); appends to each layer's cache in place."""
         sp = self.spec
         h = emb.float()
         for l in range(sp.num_layers):
@@ -351,12 +359,11 @@ class Deployed:
         """Greedy decode. Returns (token ids, PrefillOut). `embeds` [1,T,D] replaces the merged
         prompt embeddings (parity feeds the decoder the vision graph's own features)."""
         emb = self.embed_prompt(prompt) if embeds is None else embeds.float()
-        T = emb.shape[1]
-        pos = torch.arange(T)[None]
+        pos = prompt.positions()  # [1,T], or [P,1,T] planes for M-RoPE
         out = self.prefill(emb, pos, prompt.visual_start, prompt.n_visual, keep_fn=keep_fn)
         toks = []
         logits = out.logits
-        next_pos = T
+        next_pos = prompt.first_decode_position()
         emb_layer = self.adapter.embed_tokens()
         for _ in range(max_new_tokens):
             t = int(logits.argmax(-1))
@@ -364,6 +371,6 @@ class Deployed:
             if t == self.spec.eos_token_id:
                 break
             e = emb_layer(torch.tensor([[t]])).float()
-            logits = self.decode(e, torch.tensor([[next_pos]]), out.cache)
+            logits = self.decode(e, decode_position(next_pos, pos), out.cache)
             next_pos += 1
         return toks, out

@@ -9,12 +9,13 @@ import torch
 
 from quota_export.prune import baselines
 from quota_export.prune.baselines import METHODS, fit_keeps, schedule
+from quota_export.prune.schedule import total_kept
 
 torch.set_num_threads(1)
 
 
 def _total(sched, n, L):
-    return baselines._total([l for l, _ in sched], [k for _, k in sched], n, L)
+    return total_kept([l for l, _ in sched], [k for _, k in sched], n, L)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -33,7 +34,7 @@ def test_schedule_meets_budget_exactly(method, L, budget):
     ratio = {"pdrop": baselines.PDROP_LAMBDA, "sparsevlm": baselines.SPARSEVLM_RATIO}.get(method, 1.0)
     k1 = keeps[0]
     more = [max(1, math.floor((k1 + 1) * ratio**j + 1e-9)) for j in range(len(layers))]
-    assert k1 == n or baselines._total(layers, more, n, L) > cap
+    assert k1 == n or total_kept(layers, more, n, L) > cap
 
 
 def test_fastv_layer_and_budget_one():

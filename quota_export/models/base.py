@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +28,28 @@ class DecoderSpec:
 
 @dataclass
 class Prompt:
-    """One prompt ready for the model: ids, pixels, and where the visual tokens sit."""
+    """One prompt ready for the model: ids, pixels, and where the visual tokens sit.
+
+    `position_ids` is None for 1-D RoPE (positions 0..T-1, the next one T); for M-RoPE it holds the
+    [P,1,T] position planes and `next_position` the first decode position (max position + 1; a
+    decode step then has that same value in every plane)."""
 
     input_ids: torch.Tensor  # [1, T] int64
-    pixel_values: torch.Tensor  # [1, 3, H, W] float32
+    pixel_values: torch.Tensor  # [1, 3, H, W] float32 (LLaVA); the family's own layout otherwise
     visual_start: int
     n_visual: int
+    position_ids: torch.Tensor | None = None  # [P, 1, T] int64 for M-RoPE
+    next_position: int | None = None
+    extra: dict = field(default_factory=dict)  # family-specific inputs (e.g. image_grid_thw)
+
+    def positions(self) -> torch.Tensor:
+        """[1,T] (1-D) or [P,1,T] (M-RoPE) position ids of the prompt."""
+        if self.position_ids is not None:
+            return self.position_ids
+        return torch.arange(self.input_ids.shape[1])[None]
+
+    def first_decode_position(self) -> int:
+        return self.input_ids.shape[1] if self.next_position is None else int(self.next_position)
 
 
 class Adapter:
@@ -73,6 +89,14 @@ class Adapter:
         return None
 
     def image_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def pixel_shape(self) -> tuple[int, ...]:
+        """Shape of `Prompt.pixel_values` (the vision graph's input) for the declared image size."""
+        h, w = self.image_size()
+        return (1, 3, h, w)
+
+    def image_token_id(self) -> int:
         raise NotImplementedError
 
     def n_visual(self) -> int:

@@ -16,47 +16,17 @@ import torch
 from quota_export import UserError
 from quota_export.models import first_line, quiet_hf, register
 from quota_export.models.base import Adapter, DecoderSpec, Prompt
+from quota_export.models.loading import load_checkpoint
 
 
 @register("LlavaForConditionalGeneration")
 class LlavaAdapter(Adapter):
     @classmethod
     def from_pretrained(cls, path: Path) -> "LlavaAdapter":
-        import pickle
-
-        from huggingface_hub.errors import StrictDataclassError
-        from safetensors import SafetensorError
         from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-        cfg_file = path / "config.json"
+        model = load_checkpoint(path, LlavaConfig, LlavaForConditionalGeneration, "LLaVA")
         with quiet_hf():
-            try:
-                config = LlavaConfig.from_pretrained(str(path))
-            except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as e:
-                raise UserError(f"{cfg_file}: invalid LLaVA config ({first_line(e)})") from None
-            try:
-                model, info = LlavaForConditionalGeneration.from_pretrained(
-                    str(path), config=config, attn_implementation="eager",
-                    ignore_mismatched_sizes=True, output_loading_info=True,  # mismatches are reported below
-                )
-            except SafetensorError as e:
-                raise UserError(f"{_weights_file(path)}: corrupt or truncated weights ({first_line(e)})") from None
-            except (pickle.UnpicklingError, EOFError) as e:
-                raise UserError(f"{_weights_file(path)}: corrupt weights ({first_line(e)})") from None
-            except (OSError, ValueError, RuntimeError) as e:
-                raise UserError(f"{path}: cannot load weights ({first_line(e)})") from None
-            mismatched = sorted(info.get("mismatched_keys") or [])
-            if mismatched:
-                k, ckpt, want = mismatched[0]
-                raise UserError(
-                    f"{_weights_file(path)}: weights do not fit config.json: {k} is {list(ckpt)} in the checkpoint, "
-                    f"the config needs {list(want)} ({len(mismatched)} tensors differ)"
-                )
-            missing = sorted(info.get("missing_keys") or [])
-            if missing:
-                raise UserError(
-                    f"{_weights_file(path)}: {len(missing)} weights missing from the checkpoint (first: {missing[0]})"
-                )
             try:
                 processor = AutoProcessor.from_pretrained(str(path))
             except (OSError, ValueError, TypeError, KeyError) as e:
@@ -102,6 +72,9 @@ class LlavaAdapter(Adapter):
     def image_size(self) -> tuple[int, int]:
         s = self.model.config.vision_config.image_size
         return (s, s)
+
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_index)
 
     def n_visual(self) -> int:
         vc = self.model.config.vision_config
@@ -149,8 +122,3 @@ class LlavaAdapter(Adapter):
 
         return Vision()
 
-
-def _weights_file(path: Path) -> Path:
-    """The checkpoint's weights file, for messages (the folder when there are several)."""
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-    return files[0] if len(files) == 1 else path

@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from quota_export.prune.schedule import geometric_keeps
 from quota_export.prune.selectors import divprune, random_keep
 from quota_export.prune.topk import stable_topk
 
@@ -50,33 +51,9 @@ FASTV_K = 2
 # ---------------------------------------------------------------- schedules
 
 
-def _total(layers, keeps, n: int, L: int) -> int:
-    tot, cur, j = 0, n, 0
-    for l in range(L):
-        while j < len(layers) and layers[j] <= l:
-            cur, j = keeps[j], j + 1
-        tot += cur
-    return tot
-
-
 def fit_keeps(layers: list[int], ratio: float, n: int, L: int, budget: float) -> list[int] | None:
-    """keeps k_j = max(1, floor(k_1 ratio^j)) with k_1 <= n the largest meeting the budget
-    (sum over layers of kept <= floor(budget n L)); None if k_1 = 1 does not."""
-    cap = math.floor(budget * n * L + 1e-9)
-
-    def ks(k1):
-        return [max(1, math.floor(k1 * ratio**j + 1e-9)) for j in range(len(layers))]
-
-    if _total(layers, ks(1), n, L) > cap:
-        return None
-    lo, hi = 1, n
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _total(layers, ks(mid), n, L) <= cap:
-            lo = mid
-        else:
-            hi = mid - 1
-    return ks(lo)
+    """keeps k_j = max(1, floor(k_1 ratio^j)), k_1 the largest meeting the budget (None if none)."""
+    return geometric_keeps(layers, ratio, n, L, budget)
 
 
 def _dedupe(layers, keeps):
