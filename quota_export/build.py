@@ -126,6 +126,22 @@ def parity_items(adapter, recipe, n: int, bench: str | None = None) -> ParityDat
     return ParityData(items, f"random {w}x{h} images ({why})")
 
 
+def mrope_layout(probe) -> dict:
+    """What the runner needs to rebuild M-RoPE position planes [P,1,T] of any prompt of this build
+    (runtime.ort.mrope_positions): the visual block's positions relative to visual_start, and
+    where the text after it resumes (relative to visual_start). Checked against the probe prompt."""
+    from quota_export.runtime.ort import mrope_positions
+
+    pos = probe.position_ids[:, 0].numpy()
+    s, n = probe.visual_start, probe.n_visual
+    layout = {"visual": (pos[:, s : s + n] - s).tolist(), "text_after": int(pos[0, s + n] - s)}
+    again = mrope_positions(pos.shape[1], s, n, layout)
+    if not np.array_equal(again[:, 0], pos):
+        raise UserError(f"{probe.__class__.__name__}: the model's M-RoPE positions do not follow the "
+                        "text / visual block / text layout this exporter supports")
+    return layout
+
+
 def io_spec(model) -> dict:
     from onnx import TensorProto
 
@@ -292,8 +308,9 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
                 "n_visual": probe.n_visual,
                 "image_size": list(adapter.image_size()),
                 "eos_token_id": spec.eos_token_id,
-                "image_token_id": int(adapter.model.config.image_token_index),
+                "image_token_id": adapter.image_token_id(),
                 "num_layers": spec.num_layers,
+                **({"mrope": mrope_layout(probe)} if probe.position_ids is not None else {}),
             },
             "schedule": [{"layer": s.layer, "keep": s.keep} for s in dep.cfg.stages],
             "kept_per_layer": recipe.kept_per_layer(spec.num_layers),

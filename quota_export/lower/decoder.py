@@ -125,11 +125,8 @@ class DecoderLowering:
                     ins = [qi, sc]
                 else:
                     if qw.bits == 4:
-                        full = g._full("weight_q")
-                        g.inits.append(onnx.helper.make_tensor(full, onnx.TensorProto.UINT4, list(q.shape), q.astype(np.uint8).flatten().tolist()))
-                        zfull = g._full("zero_point")
-                        zp = qw.zero_point.numpy().T
-                        g.inits.append(onnx.helper.make_tensor(zfull, onnx.TensorProto.UINT4, list(zp.shape), zp.astype(np.uint8).flatten().tolist()))
+                        full = g.init_int4("weight_q", q, signed=False)
+                        zfull = g.init_int4("zero_point", qw.zero_point.numpy().T, signed=False)
                         ins = [full, sc, zfull]
                     else:
                         ins = [g.init("weight_q", q.astype(np.uint8)), sc, g.init("zero_point", qw.zero_point.numpy().T.astype(np.uint8))]

@@ -74,10 +74,16 @@ class Graph:
         self.inits.append(t)
         return full
 
-    def init_int4(self, name: str, q: np.ndarray) -> str:
-        """An INT4 initializer (values in [-8, 7]), packed two per byte by onnx."""
+    def init_int4(self, name: str, q: np.ndarray, signed: bool = True) -> str:
+        """An INT4 (values in [-8, 7]) or UINT4 ([0, 15]) initializer, stored as raw bytes packed
+        two per byte, element 2i in the low nibble (ONNX's layout)."""
         full = self._full(name)
-        self.inits.append(helper.make_tensor(full, INT4, list(q.shape), q.astype(np.int8).flatten().tolist()))
+        flat = q.astype(np.int16).flatten() & 0xF
+        if flat.size % 2:
+            flat = np.concatenate([flat, np.zeros(1, flat.dtype)])
+        packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+        dt = INT4 if signed else TensorProto.UINT4
+        self.inits.append(helper.make_tensor(full, dt, list(q.shape), packed, raw=True))
         return full
 
     def const(self, value, dtype=np.float32) -> str:

@@ -18,9 +18,8 @@ from quota_export.reference import Deployed
 
 
 def vision_graph(adapter, opset: int) -> onnx.ModelProto:
-    h, w = adapter.image_size()
     mod = adapter.vision_module().eval()
-    x = torch.zeros(1, 3, h, w)
+    x = torch.zeros(*adapter.pixel_shape())  # [1,3,H,W] (LLaVA), [patches, C*tp*p*p] (Qwen2-VL)
     buf = io.BytesIO()
     # the TorchScript exporter tops out at opset 20; the graph is converted to `opset` below
     with torch.no_grad(), warnings.catch_warnings():

@@ -108,5 +108,9 @@ class Adapter:
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def vision_module(self) -> torch.nn.Module:
+        """pixel_values (shape `pixel_shape()`) -> features [1, N, D], for the vision graph export."""
+        raise NotImplementedError
+
     def module_names(self) -> list[str]:
         return [n for n, _ in self.model.named_modules()]

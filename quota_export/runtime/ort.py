@@ -4,6 +4,9 @@
     prompt ids -> embed.onnx -> embeds; embeds[s:s+N] = features
     prefill.onnx(embeds, position_ids) -> logits, present.*, kept.*
     loop: argmax -> embed.onnx -> decode.onnx(embeds, pos, past.* = present.*) -> logits
+
+position_ids are [1,T] / [1,1] (1-D RoPE), or with manifest `model.mrope` the M-RoPE planes
+[P,1,T] / [P,1,1] rebuilt from the visual block's recorded layout (the image size is fixed per build).
 """
 
 from __future__ import annotations
@@ -31,6 +34,23 @@ MANIFEST_FIELDS = (
     "recipe_hash", "schedule", "model.visual_start", "model.n_visual", "model.image_size",
     "model.eos_token_id", "model.image_token_id", "export.max_new_tokens", "graphs",
 )
+
+
+def mrope_positions(T: int, visual_start: int, n_visual: int, layout: dict) -> np.ndarray:
+    """M-RoPE position planes [P,1,T] of a prompt with one visual block at [s, s+n):
+
+        text before:  t                     (every plane)
+        visual j:     s + layout["visual"][:, j]
+        text after:   s + layout["text_after"] + (t - s - n)   (every plane)
+    """
+    s, n = visual_start, n_visual
+    rel = np.asarray(layout["visual"], np.int64)  # [P, n]
+    P = rel.shape[0]
+    t = np.arange(T, dtype=np.int64)
+    pos = np.broadcast_to(t, (P, T)).copy()
+    pos[:, s : s + n] = s + rel
+    pos[:, s + n :] = s + layout["text_after"] + (t[s + n :] - s - n)
+    return pos[:, None, :]
 
 
 def ort_errors() -> tuple[type[BaseException], ...]:
@@ -149,23 +169,21 @@ class OrtRunner:
                 self.sessions[g] = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
             except errors as e:
                 raise UserError(f"{p}: corrupt or unreadable graph ({_one_line(e)})") from None
-        from transformers import AutoProcessor
-
-        from quota_export.models import quiet_hf
+        from quota_export.models.loading import load_processor
 
         proc = self.dir / "processor"
         if not proc.is_dir():
             raise UserError(f"{proc}: missing (the build folder is incomplete)")
         try:
-            with quiet_hf():
-                self.processor = AutoProcessor.from_pretrained(str(proc))
-        except (OSError, ValueError, TypeError, KeyError) as e:
+            self.processor = load_processor(proc)
+        except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
             raise UserError(f"{proc}: cannot load processor ({_one_line(e)})") from None
         m = self.manifest["model"]
         self.visual_start, self.n_visual = m["visual_start"], m["n_visual"]
         self.image_size = tuple(m["image_size"])
         self.eos = m["eos_token_id"]
         self.image_token_id = m["image_token_id"]
+        self.mrope = m.get("mrope")  # absent: 1-D positions
 
     def _run(self, g: str, feeds: dict) -> dict:
         s = self.sessions[g]
@@ -190,7 +208,19 @@ class OrtRunner:
                 f"prompt puts {len(pos)} image tokens at {pos[0] if len(pos) else '-'}; the graphs were built for "
                 f"{self.n_visual} at {self.visual_start}"
             )
-        return ids, enc["pixel_values"].astype(np.float32)
+        return ids, np.asarray(enc["pixel_values"], np.float32)
+
+    def positions(self, T: int) -> np.ndarray:
+        """Prompt position ids: [1,T] = 0..T-1, or M-RoPE planes [P,1,T] (manifest model.mrope)."""
+        if self.mrope is None:
+            return np.arange(T, dtype=np.int64)[None]
+        return mrope_positions(T, self.visual_start, self.n_visual, self.mrope)
+
+    def step_position(self, p: int) -> np.ndarray:
+        """One decode step's position ids: [1,1], or [P,1,1] (p in every plane) with M-RoPE."""
+        if self.mrope is None:
+            return np.array([[p]], np.int64)
+        return np.full((len(self.mrope["visual"]), 1, 1), p, np.int64)
 
     def embeds(self, ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
         feats = self._run("vision.onnx", {"pixel_values": pixel_values})["image_features"]
@@ -203,19 +233,20 @@ class OrtRunner:
         ids, pix = self.encode(image, question)
         emb = self.embeds(ids, pix)
         T = emb.shape[1]
-        out = self._run("prefill.onnx", {"inputs_embeds": emb, "position_ids": np.arange(T, dtype=np.int64)[None]})
+        pos = self.positions(T)
+        out = self._run("prefill.onnx", {"inputs_embeds": emb, "position_ids": pos})
         kept = [out[f"kept.{i}"] for i in range(len(self.manifest["schedule"]))]
         past = {k.replace("present.", "past.", 1): v for k, v in out.items() if k.startswith("present.")}
         cache_bytes = sum(v.nbytes for v in past.values())
         logits0 = out["logits"]
-        logits, toks, p = logits0, [], T
+        logits, toks, p = logits0, [], int(pos.max()) + 1
         for _ in range(max_new):
             t = int(logits.argmax(-1)[0])
             toks.append(t)
             if t == self.eos:
                 break
             e = self._run("embed.onnx", {"input_ids": np.array([[t]], np.int64)})["inputs_embeds"]
-            o = self._run("decode.onnx", {"inputs_embeds": e, "position_ids": np.array([[p]], np.int64), **past})
+            o = self._run("decode.onnx", {"inputs_embeds": e, "position_ids": self.step_position(p), **past})
             past = {k.replace("present.", "past.", 1): v for k, v in o.items() if k.startswith("present.")}
             logits, p = o["logits"], p + 1
         text = self.processor.tokenizer.decode(toks, skip_special_tokens=True).strip()
