@@ -106,9 +106,9 @@ def blank_image(adapter, bench_path: Path) -> np.ndarray:
 
 
 def _mean_kept(stages, n: int, L: int) -> float:
-    from quota_export.prune.baselines import _total
+    from quota_export.prune.schedule import total_kept
 
-    return _total([s.layer for s in stages], [s.keep for s in stages], n, L) / (n * L)
+    return total_kept([s.layer for s in stages], [s.keep for s in stages], n, L) / (n * L)
 
 
 class Harness:

@@ -263,9 +263,15 @@ class Deployed:
         a = torch.nn.functional.silu(g) * u
         return self.mm(self.act(a, layer, "mlp.down_proj"), layer, "mlp.down_proj")
 
-    def layer(self, layer: int, h, pos):
+    def layer(self, layer: int, h, pos, pre=None):
+        """One decoder layer. `pre` = (q, k', v', k quant, v quant) already computed for these rows
+        (a pruning stage computes them on the full stream and gathers the kept rows: every op
+        before attention is per token, so this equals recomputing them, and costs nothing)."""
         sp = self.spec
-        _, _, q, kd, vd, _, _, kq, vq = self.qkv(layer, h, pos)
+        if pre is None:
+            _, _, q, kd, vd, _, _, kq, vq = self.qkv(layer, h, pos)
+        else:
+            q, kd, vd, kq, vq = pre
         _, o = self.attend(q, kd, vd, causal_offset=0)
         B, T = h.shape[:2]
         o = o.transpose(1, 2).reshape(B, T, sp.heads * sp.head_dim)
@@ -318,13 +324,20 @@ class Deployed:
                 else:
                     s = self.score(st, l, h, pos, start, n)
                     idx = stable_topk(s, st.keep)
+                _, _, q, kd, vd, _, _, kq, vq = self.qkv(l, h, pos)
+                T = h.shape[1]
+                rows = torch.cat([torch.arange(start), start + idx[0], torch.arange(start + n, T)])
+                pick = lambda t: None if t is None else t.index_select(2, rows)  # noqa: E731
+                pre = (pick(q), pick(kd), pick(vd),
+                       None if kq is None else tuple(pick(t) for t in kq),
+                       None if vq is None else tuple(pick(t) for t in vq))  # fmt: skip
                 h = torch.cat([h[:, :start], h[:, start + idx[0]], h[:, start + n :]], dim=1)
                 pos = torch.cat([pos[..., :start], pos[..., start + idx[0]], pos[..., start + n :]], dim=-1)
                 orig = orig[:, idx[0]]
                 kept.append(orig.clone())
                 scores.append(s)
                 n = st.keep
-            h, kv = self.layer(l, h, pos)
+            h, kv = self.layer(l, h, pos, pre if st is not None else None)
             cache.append(kv)
         hl = rmsnorm(h[:, -1], self.norm, self.spec.rms_eps)
         return PrefillOut(hl @ self.lm_head.T, cache, kept, scores, pos)

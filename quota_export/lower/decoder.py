@@ -315,7 +315,7 @@ class DecoderLowering:
             cos, sin = self.rope_tables(g, pos, "rope")
         xn, xq, q, k, v = self.qkv(g, l, h, cos, sin)
         with g.scope(f"model/layers.{l}/prune"):
-            kd, vd, _, _ = self.kv_store(g, l, k, v)
+            kd, vd, kn, vn = self.kv_store(g, l, k, v)
             sl = lambda t, a, b, axis: g.op("Slice", [t, self.ax(g, [a]), self.ax(g, [b]), self.ax(g, [axis])])
             hv = sl(h, s0, s0 + n, 1)
             mag = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [hv, hv]), self.ax(g, [-1])], keepdims=0)], name="magnitude")
@@ -351,8 +351,22 @@ class DecoderLowering:
             g.nodes.extend(sub.nodes)
             kept = g.op("Squeeze", [sub.kept, self.ax(g, [0])], name="kept_local")
             o2 = g.op("Gather", [orig, kept], axis=1, name="kept_original")
+            # The layer's own q/k/v (and cache) are the kept rows of what scoring computed:
+            # every op before attention is per token, so gathering equals recomputing.
+            T = g.op("Slice", [g.op("Shape", [h]), self.ax(g, [1]), self.ax(g, [2])], name="seq_len")
+            rows = g.op("Concat", [
+                g.op("Range", [g.const(0, np.int64), g.const(s0, np.int64), g.const(1, np.int64)], name="rows_before"),
+                g.op("Add", [kept, g.const(s0, np.int64)], name="rows_kept"),
+                g.op("Range", [g.const(s0 + n, np.int64), g.op("Squeeze", [T, self.ax(g, [0])]), g.const(1, np.int64)], name="rows_after"),
+            ], axis=0, name="rows")  # fmt: skip
+            pick = lambda t, nm: None if t is None else g.op("Gather", [t, rows], axis=2, name=f"reuse_{nm}")  # noqa: E731
+            pre = (
+                pick(q, "q"), pick(kd, "k"), pick(vd, "v"),
+                KVNames(pick(kn.q, "k_q"), pick(kn.scale, "k_scale"), pick(kn.zero, "k_zero")),
+                KVNames(pick(vn.q, "v_q"), pick(vn.scale, "v_scale"), pick(vn.zero, "v_zero")),
+            )  # fmt: skip
         h2, p2 = sub.hidden, sub.position_ids
-        return h2, p2, o2
+        return h2, p2, o2, pre
 
     # ------------------------------------------------------------------ graphs
     def kv_outputs(self, g: Graph, prefix: str, l: int, kn: KVNames, vn: KVNames):
@@ -391,14 +405,16 @@ class DecoderLowering:
         for l in range(sp.num_layers):
             st = self.dep.stage_at.get(l)
             if st is not None:
-                h, pos, orig = self.stage(g, len(kept), st, l, h, pos, orig, n)
+                h, pos, orig, pre = self.stage(g, len(kept), st, l, h, pos, orig, n)
                 kept.append((orig, st.keep))
                 n = st.keep
                 cos = None
-            if cos is None:
-                cos, sin = self.rope_tables(g, pos, f"model/layers.{l}/rope")
-            _, _, q, k, v = self.qkv(g, l, h, cos, sin)
-            kd, vd, kn, vn = self.kv_store(g, l, k, v)
+                q, kd, vd, kn, vn = pre
+            else:
+                if cos is None:
+                    cos, sin = self.rope_tables(g, pos, f"model/layers.{l}/rope")
+                _, _, q, k, v = self.qkv(g, l, h, cos, sin)
+                kd, vd, kn, vn = self.kv_store(g, l, k, v)
             _, o = self.attend(g, q, kd, vd, 0, f"model/layers.{l}/attn/sdpa")
             h = self.post_attn(g, l, h, o)
             self.kv_outputs(g, "present", l, kn, vn)

@@ -70,7 +70,7 @@ class Graph:
 
     def init(self, name: str, arr: np.ndarray) -> str:
         full = self._full(name)
-        t = numpy_helper.from_array(np.ascontiguousarray(arr), full)
+        t = numpy_helper.from_array(np.array(arr, order="C", copy=True), full)  # keeps 0-d scalars 0-d
         self.inits.append(t)
         return full
 
