@@ -94,7 +94,7 @@ def make_tiny_qwen2_vl(out: Path, seed: int = 0, layers: int = 3, hidden: int = 
             vocab_size=len(vocab), hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
             num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512, rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"], tie_word_embeddings=False,
+            bos_token_id=None, eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"], tie_word_embeddings=False,
         ),
         vision_config=dict(patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, **vision),
         image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
