@@ -375,7 +375,7 @@ def default_name(model: str | Path, scheme: str, budget: float) -> str:
 
 
 def calibrate(model: str | Path, data: str | Path, budget: float, scheme: str = "w4a4kv4", samples: int = 64,
-              seed: int = 0, name: str | None = None, progress: bool = False):
+              seed: int = 0, name: str | None = None, progress: bool = False, group_size: int | None = None):
     """Run QUOTA; returns (Recipe, SearchResult).
 
     Same model, data, budget, scheme, samples and seed -> the same recipe bytes: the search has
@@ -386,12 +386,12 @@ def calibrate(model: str | Path, data: str | Path, budget: float, scheme: str = 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _calibrate(model, data, budget, scheme, samples, seed, name, progress)
+        return _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size)
     finally:
         torch.set_num_threads(threads)
 
 
-def _calibrate(model, data, budget, scheme, samples, seed, name, progress):
+def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size=None):
     from quota_export import models
     from quota_export.data import load_image
     from quota_export.recipe import (
@@ -415,7 +415,13 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress):
     adapter = models.load(model)
     spec = adapter.decoder_spec()
     N = adapter.n_visual()
-    quant = Quant(scheme=scheme)
+    if group_size is None:
+        quant = Quant(scheme=scheme)
+    else:  # e.g. 64 or 128: the INT4 block sizes TensorRT accepts
+        if group_size <= 0 or group_size & (group_size - 1):
+            raise UserError(f"--group-size: must be a positive power of two, got {group_size}")
+        w = SCHEMES[scheme].weights.model_copy(update={"group_size": group_size})
+        quant = Quant(scheme=scheme, weights=w)
     probe = Recipe(name="probe", model=str(model), quant=quant,
                    pruning=Pruning(budget=1.0, n_visual=N, stages=[]))
     probe.check_against(spec.num_layers, N, adapter.module_names())

@@ -13,6 +13,7 @@ def _calibrate_args(p):
     p.add_argument("--data", required=True, help="calibration JSONL (e.g. calib_data/shapes/calib.jsonl)")
     p.add_argument("--budget", required=True, type=float, help="mean fraction of visual tokens kept over all decoder layers")
     p.add_argument("--scheme", default="w4a4kv4", help="quantization preset (default w4a4kv4)")
+    p.add_argument("--group-size", type=int, help="INT4/INT8 weight group size (default: the scheme's; TensorRT needs 64 or 128)")
     p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
     p.add_argument("--name", help="recipe name (default <model>-quota-<scheme>-b<budget>)")
@@ -26,7 +27,8 @@ def cmd_calibrate(a) -> int:
     from quota_export.recipe import save_recipe
 
     t0 = time.perf_counter()
-    recipe, res = calibrate(a.model, a.data, a.budget, a.scheme, a.samples, a.seed, a.name, progress=_progress())
+    recipe, res = calibrate(a.model, a.data, a.budget, a.scheme, a.samples, a.seed, a.name, progress=_progress(),
+                             group_size=a.group_size)
     save_recipe(recipe, a.out)
     L = res.num_layers
     sched = ", ".join(f"L{s.layer}:{s.keep}" for s in recipe.pruning.stages) or "none"
