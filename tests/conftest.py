@@ -123,3 +123,62 @@ def make_tiny_qwen2_vl(out: Path, seed: int = 0, layers: int = 3, hidden: int = 
 def tiny_qwen2_vl(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     return make_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl") / "model")
+
+
+def make_tiny_llava_next(out: Path, seed: int = 1, layers: int = 3, hidden: int = 64, kv_heads: int = 4,
+                         crop: int = 48, patch: int = 8, pinpoint: tuple[int, int] = (96, 96)) -> Path:
+    """A random LlavaNextForConditionalGeneration (CLIP tower: crop 48, patch 8, width 32, depth 1;
+    Llama decoder: 4 heads, head_dim 16) with the shapes word-level tokenizer and a LLaVA-NeXT
+    processor (PIL image processor) whose single grid pinpoint is the declared image size 96x96:
+    a shapes image -> 1 base crop (the image resized to 48x48) + 2x2 anyres crops of 48x48 (no
+    resize, no padding) -> pixel_values [1,5,3,48,48] -> 36 base + 12*12 grid + 12 newline = 192
+    visual tokens. Saved like a download (config, safetensors, tokenizer, preprocessor_config.json,
+    processor_config.json + chat template)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from calib_data.shapes.model import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, build_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    vocab = tok.get_vocab()
+    pin = [list(pinpoint)]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=crop, patch_size=patch, projection_dim=32, hidden_act="quick_gelu")
+    text = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+                       pad_token_id=vocab["<pad>"], tie_word_embeddings=False)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
+                          image_grid_pinpoints=pin, projector_hidden_act="gelu",
+                          vision_feature_select_strategy="default", vision_feature_layer=-1, tie_word_embeddings=False)
+    cfg.architectures = ["LlavaNextForConditionalGeneration"]
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # comparable scale for text and image tokens (incl. the newline embedding)
+        model.get_input_embeddings().weight.normal_(0, 1.0)
+        model.model.multi_modal_projector.linear_2.weight.mul_(80.0)
+        model.model.image_newline.normal_(0, 1.0)
+        model.lm_head.weight.normal_(0, 0.3)
+        for layer in model.model.language_model.layers:  # layers that matter next to the embeddings:
+            layer.self_attn.q_proj.weight.mul_(4.0)      # answers then depend on the image
+            layer.self_attn.k_proj.weight.mul_(4.0)
+            layer.self_attn.o_proj.weight.mul_(20.0)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    ip = LlavaNextImageProcessorPil(
+        do_resize=False, do_center_crop=False, do_rescale=True, do_normalize=True, do_pad=True, do_convert_rgb=True,
+        image_mean=CLIP_MEAN, image_std=CLIP_STD, size={"height": crop, "width": crop},
+        crop_size={"height": crop, "width": crop}, image_grid_pinpoints=pin,
+    )
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=CHAT_TEMPLATE)
+    proc.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return make_tiny_llava_next(tmp_path_factory.mktemp("tiny_llava_next") / "model")

@@ -8,6 +8,7 @@ from conftest import ROOT
 # family -> the test module that builds a tiny random checkpoint of it and checks the whole pipeline
 PIPELINE_TESTS = {
     "LlavaForConditionalGeneration": "test_build.py",
+    "LlavaNextForConditionalGeneration": "test_llava_next.py",
     "Qwen2VLForConditionalGeneration": "test_qwen2_vl.py",
     "Qwen2_5_VLForConditionalGeneration": "test_qwen2_5_vl.py",
 }
