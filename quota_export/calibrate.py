@@ -145,9 +145,10 @@ class _Entry:
 
 
 def combine(st, mag, att, risk):
-    """s = w_m m/σ_m + w_a a/σ_a - w_r r/σ_r, the same expression (and op order) as Deployed.score."""
-    (wm, wa, wr), (sm, sa, sr) = st.w, st.sigma
-    return (wm / sm) * mag + (wa / sa) * att - (wr / sr) * risk
+    """The stage score exactly as the reference (and the graphs) compute it."""
+    from quota_export.reference import stage_score
+
+    return stage_score(st, mag, att, risk)
 
 
 def kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
@@ -232,7 +233,7 @@ class Evaluator:
         start = smp.start
         idx = stable_topk(combine(StageCfg(layer, keep, w, sigma), *signals), keep)
         h = torch.cat([h[:, :start], h[:, start + idx[0]], h[:, start + n :]], dim=1)
-        pos = torch.cat([pos[:, :start], pos[:, start + idx[0]], pos[:, start + n :]], dim=1)
+        pos = torch.cat([pos[..., :start], pos[..., start + idx[0]], pos[..., start + n :]], dim=-1)
         for l in range(layer, to_layer):
             h, _ = self.dep.layer(l, h, pos)
         return h, pos, keep
@@ -415,13 +416,18 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
     adapter = models.load(model)
     spec = adapter.decoder_spec()
     N = adapter.n_visual()
-    if group_size is None:
-        quant = Quant(scheme=scheme)
-    else:  # e.g. 64 or 128: the INT4 block sizes TensorRT accepts
+    update = {}
+    if group_size is not None:  # e.g. 64 or 128: the INT4 block sizes TensorRT accepts
         if group_size <= 0 or group_size & (group_size - 1):
             raise UserError(f"--group-size: must be a positive power of two, got {group_size}")
-        w = SCHEMES[scheme].weights.model_copy(update={"group_size": group_size})
-        quant = Quant(scheme=scheme, weights=w)
+        update["group_size"] = group_size
+    ignore = adapter.default_ignore()
+    if ignore != SCHEMES[scheme].weights.ignore:  # the family's own safe defaults (e.g. Qwen's model.visual)
+        update["ignore"] = list(ignore)
+    if update:
+        quant = Quant(scheme=scheme, weights=SCHEMES[scheme].weights.model_copy(update=update))
+    else:
+        quant = Quant(scheme=scheme)
     probe = Recipe(name="probe", model=str(model), quant=quant,
                    pruning=Pruning(budget=1.0, n_visual=N, stages=[]))
     probe.check_against(spec.num_layers, N, adapter.module_names())

@@ -142,6 +142,17 @@ def decode_position(p: int, prompt_pos: torch.Tensor) -> torch.Tensor:
     return torch.tensor([[p]])
 
 
+def stage_score(stage: StageCfg, mag, att, risk):
+    """s = w_m m/σ_m + w_a a/σ_a - w_r r/σ_r, on a grid of 2^-SCORE_GRID_BITS.
+
+    Tokens closer than the grid tie exactly and the lower index wins, so float noise (different
+    summation orders in the graphs) cannot reorder near-identical tokens (e.g. background
+    patches); only a token sitting on a grid boundary can move. Multiplying by 2^b is exact."""
+    (wm, wa, wr), (sm, sa, sr) = stage.w, stage.sigma
+    s = (wm / sm) * mag + (wa / sa) * att - (wr / sr) * risk
+    return torch.round(s * float(2**SCORE_GRID_BITS))
+
+
 def rmsnorm(x, weight, eps):
     v = x.pow(2).mean(-1, keepdim=True)
     return weight * (x * torch.rsqrt(v + eps))
@@ -299,14 +310,7 @@ class Deployed:
         return mag, att, risk
 
     def score(self, stage, layer, h, pos, start, n):
-        mag, att, risk = self.signals(layer, h, pos, start, n)
-        (wm, wa, wr), (sm, sa, sr) = stage.w, stage.sigma
-        s = (wm / sm) * mag + (wa / sa) * att - (wr / sr) * risk
-        # Scores live on a grid of 2^-SCORE_GRID_BITS: tokens closer than that tie exactly and the
-        # lower index wins, so float noise (different summation orders in the graphs) cannot
-        # reorder near-identical tokens (e.g. background patches) -- only a token sitting on a grid
-        # boundary can move. Multiplying by a power of two is exact.
-        return torch.round(s * float(2**SCORE_GRID_BITS))
+        return stage_score(stage, *self.signals(layer, h, pos, start, n))
 
     # ------------------------------------------------------------ forward / generate
     @torch.no_grad()

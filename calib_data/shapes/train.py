@@ -11,6 +11,8 @@ Recipe (all settings are the CLI defaults below and are written into the model f
   its cell), the labels the generator knows for free; its heads are not part of the saved model;
 - init: text embeddings at std 1 and projector output rescaled to RMS 1, so image tokens do not
   drown the question in the residual stream;
+- LM loss: mean over each sample's supervised tokens, then over the batch (a one-word answer
+  weighs as much as a caption);
 - AdamW, lr 1e-3, 300 warm-up steps, cosine to 1e-4 over --total-steps, batch 32, clip 1.0.
 
 Checkpoints (model + optimizer + step) go to --state every --save-every steps; a run restarted
@@ -265,7 +267,10 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.lr, a.total_steps)
         logits, aux_logits = forward(model, heads, ids, mask, pix, vocab["<image>"])
-        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        # per-sample mean, then batch mean: a one-word answer weighs as much as a 40-token caption
+        tok = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        n_sup = (labels != -100).sum(1).clamp_min(1)
+        lm = (tok.sum(1) / n_sup).mean()
         aux_loss = sum(F.cross_entropy(al.reshape(-1, al.shape[-1]), aux[:, i].reshape(-1)) for i, al in enumerate(aux_logits))
         loss = lm + a.aux_weight * aux_loss / len(aux_logits)
         opt.zero_grad(set_to_none=True)

@@ -83,6 +83,13 @@ class Adapter:
     def inv_freq(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def default_ignore(self) -> list[str]:
+        """Regexes of modules calibration leaves unquantized (vision side, projector, lm_head);
+        each must match a module of this family (recipe.check_against enforces it)."""
+        from quota_export.recipe import DEFAULT_IGNORE
+
+        return list(DEFAULT_IGNORE)
+
     def rope_planes(self) -> list[int] | None:
         """None for 1-D RoPE (position_ids [1,T]); for M-RoPE, the position plane each of the
         head_dim/2 frequencies reads (position_ids [P,1,T])."""

@@ -165,6 +165,9 @@ class Qwen2VLAdapter(Adapter):
     def inv_freq(self) -> torch.Tensor:
         return self.lm.rotary_emb.inv_freq.float()
 
+    def default_ignore(self) -> list[str]:
+        return ["lm_head", r"^model\.visual\."]
+
     def rope_planes(self) -> list[int]:
         c = self.model.config.text_config
         sections = list(c.rope_parameters.get("mrope_section") or self.lm.rotary_emb.mrope_section)
