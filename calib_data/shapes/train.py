@@ -268,9 +268,9 @@ def main(argv=None) -> int:
             g["lr"] = lr_at(step, a.lr, a.total_steps)
         logits, aux_logits = forward(model, heads, ids, mask, pix, vocab["<image>"])
         # per-sample mean, then batch mean: a one-word answer weighs as much as a 40-token caption
-        tok = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        tok_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
         n_sup = (labels != -100).sum(1).clamp_min(1)
-        lm = (tok.sum(1) / n_sup).mean()
+        lm = (tok_loss.sum(1) / n_sup).mean()
         aux_loss = sum(F.cross_entropy(al.reshape(-1, al.shape[-1]), aux[:, i].reshape(-1)) for i, al in enumerate(aux_logits))
         loss = lm + a.aux_weight * aux_loss / len(aux_logits)
         opt.zero_grad(set_to_none=True)
