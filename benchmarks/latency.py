@@ -490,8 +490,8 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
         f"order shuffled per repeat; {a.decode_steps} decode steps per repeat). Date: {now}. Run time {secs / 60:.1f} min.",
         "",
         f"Machine: {machine_note(a.threads)}. Load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end: "
-        "a model training ran on both cores the whole time, so absolute times are inflated and noisy; read the "
-        "ratios (medians of per-repeat paired ratios).",
+        "these machines are noisy (other jobs may share the 2 cores), so read the ratios (medians of per-repeat "
+        "paired ratios), not the absolute times.",
         "",
         "`@1` / `@4`: the session's `session.qdq_matmulnbits_accuracy_level`, which ONNX Runtime gives the MatMulNBits "
         "nodes it fuses from DequantizeLinear(int4 weight) + MatMul: 1 computes in fp32 and is exact (what "
@@ -640,7 +640,6 @@ def analysis(split, tot, exc, ideal, ratio, stage_rows) -> list[str]:
         fixed = exc[(p, WDQ)]
         attn = exc[(p, ATTN)]
         rest = gap - stage - fixed - attn
-        recompute = split[p][S_QKV] * frac
         wdq = f"; the per-run weight dequantization (a fixed cost) {fixed:+.1f} ms" if split[u][WDQ] > 0 else ""
         out.append(
             f"- `{p}` vs `{u}` (profiled ratio {tot[p] / tot[u]:.3f}, timed {ratio[p]:.3f}, ideal {ideal:.3f}): of the "
@@ -648,10 +647,9 @@ def analysis(split, tot, exc, ideal, ratio, stage_rows) -> list[str]:
             f"({split[p][S_QKV]:.1f} ms q/k/v pass over all current tokens, {split[p][S_SIG]:.1f} ms signals, "
             f"{split[p][S_GATHER]:.1f} ms gather){wdq}; the attention {attn:+.1f} ms (its T^2 part shrinks faster than "
             f"the token count); everything else {rest:+.1f} ms (costs that do not shrink with the visual tokens: the "
-            f"text rows, the last-position lm_head, per-node overheads). After the gather the layer recomputes q/k/v "
-            f"for the kept rows (~{recompute:.1f} ms); gathering the rows the scoring pass already computed (RoPE, the "
-            f"per-token activation quantizer and the per-row KV groups are all row-wise, so they are identical) would "
-            f"save that: profiled ratio ~{(tot[p] - recompute) / tot[u]:.3f}."
+            f"text rows, the last-position lm_head, per-node overheads). The stage's q/k/v pass is the pruning "
+            f"layer's own projection (the layer reuses the kept rows of it), so the real overhead of scoring is the "
+            f"signals and the gather."
         )
     return out
 
