@@ -68,20 +68,26 @@ class Adapter:
     def decoder_spec(self) -> DecoderSpec:
         raise NotImplementedError
 
+    # HF's *ForConditionalGeneration VLMs keep the decoder at model.model.language_model and the
+    # head at model.lm_head; a family that differs overrides these.
+    @property
+    def lm(self):
+        return self.model.model.language_model
+
     def layers(self):
-        raise NotImplementedError
+        return list(self.lm.layers)
 
     def final_norm(self):
-        raise NotImplementedError
+        return self.lm.norm
 
     def lm_head(self):
-        raise NotImplementedError
+        return self.model.lm_head
 
     def embed_tokens(self):
-        raise NotImplementedError
+        return self.lm.embed_tokens
 
     def inv_freq(self) -> torch.Tensor:
-        raise NotImplementedError
+        return self.lm.rotary_emb.inv_freq.float()
 
     def default_ignore(self) -> list[str]:
         """Regexes of modules calibration leaves unquantized (vision side, projector, lm_head);

@@ -33,10 +33,6 @@ class LlavaAdapter(Adapter):
                 raise UserError(f"{path}: cannot load processor / tokenizer ({first_line(e)})") from None
         return cls(model, processor, path)
 
-    @property
-    def lm(self):
-        return self.model.model.language_model
-
     def decoder_spec(self) -> DecoderSpec:
         c = self.model.config.text_config
         hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -53,21 +49,6 @@ class LlavaAdapter(Adapter):
             eos_token_id=c.eos_token_id if isinstance(c.eos_token_id, int) else c.eos_token_id[0],
             module_prefix="model.language_model",
         )
-
-    def layers(self):
-        return list(self.lm.layers)
-
-    def final_norm(self):
-        return self.lm.norm
-
-    def lm_head(self):
-        return self.model.lm_head
-
-    def embed_tokens(self):
-        return self.lm.embed_tokens
-
-    def inv_freq(self) -> torch.Tensor:
-        return self.lm.rotary_emb.inv_freq.float()
 
     def image_size(self) -> tuple[int, int]:
         s = self.model.config.vision_config.image_size

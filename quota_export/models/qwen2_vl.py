@@ -129,10 +129,6 @@ class Qwen2VLAdapter(Adapter):
             raise UserError(f"{cfg}: RoPE attention scaling is not supported")
         self.image_size()  # the declared size must be readable
 
-    @property
-    def lm(self):
-        return self.model.model.language_model
-
     def decoder_spec(self) -> DecoderSpec:
         c = self.model.config.text_config
         eos = c.eos_token_id if c.eos_token_id is not None else self.model.config.eos_token_id
@@ -149,21 +145,6 @@ class Qwen2VLAdapter(Adapter):
             eos_token_id=eos if isinstance(eos, int) else eos[0],
             module_prefix="model.language_model",
         )
-
-    def layers(self):
-        return list(self.lm.layers)
-
-    def final_norm(self):
-        return self.lm.norm
-
-    def lm_head(self):
-        return self.model.lm_head
-
-    def embed_tokens(self):
-        return self.lm.embed_tokens
-
-    def inv_freq(self) -> torch.Tensor:
-        return self.lm.rotary_emb.inv_freq.float()
 
     def default_ignore(self) -> list[str]:
         return ["lm_head", r"^model\.visual\."]
