@@ -52,6 +52,24 @@ class Prompt:
         return self.input_ids.shape[1] if self.next_position is None else int(self.next_position)
 
 
+def encode_chat(processor, image: np.ndarray, question: str, size: tuple[int, int], who: str = "the model takes",
+                return_tensors: str = "pt"):
+    """Check the image (HxWx3, exactly `size`), put it and the question in the processor's chat
+    template, and run the processor. Shared by every adapter and by the ONNX Runtime runner."""
+    from quota_export import UserError
+
+    h, w = size
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise UserError(f"image must be HxWx3 RGB, got shape {tuple(image.shape)}")
+    if image.shape[:2] != (h, w):
+        raise UserError(f"image is {image.shape[1]}x{image.shape[0]}, {who} {w}x{h}")
+    from PIL import Image
+
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    return processor(images=Image.fromarray(image), text=text, return_tensors=return_tensors)
+
+
 class Adapter:
     architecture: str = ""
 

@@ -15,7 +15,7 @@ import torch
 
 from quota_export import UserError
 from quota_export.models import first_line, quiet_hf, register
-from quota_export.models.base import Adapter, DecoderSpec, Prompt
+from quota_export.models.base import Adapter, DecoderSpec, Prompt, encode_chat
 from quota_export.models.loading import load_checkpoint
 
 
@@ -63,16 +63,7 @@ class LlavaAdapter(Adapter):
         return n if self.model.config.vision_feature_select_strategy == "default" else n + 1
 
     def prompt(self, image: np.ndarray, question: str) -> Prompt:
-        h, w = self.image_size()
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise UserError(f"image must be HxWx3 RGB, got shape {tuple(image.shape)}")
-        if image.shape[:2] != (h, w):
-            raise UserError(f"image is {image.shape[1]}x{image.shape[0]}, the model takes {w}x{h}")
-        from PIL import Image
-
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
-        enc = self.processor(images=Image.fromarray(image), text=text, return_tensors="pt")
+        enc = encode_chat(self.processor, image, question, self.image_size())
         ids = enc["input_ids"]
         img_id = self.model.config.image_token_index
         pos = (ids[0] == img_id).nonzero().flatten()

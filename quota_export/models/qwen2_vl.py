@@ -25,7 +25,7 @@ import torch
 
 from quota_export import UserError
 from quota_export.models import first_line, quiet_hf, register
-from quota_export.models.base import Adapter, DecoderSpec, Prompt
+from quota_export.models.base import Adapter, DecoderSpec, Prompt, encode_chat
 from quota_export.models.loading import PROCESSOR_FALLBACKS, load_checkpoint, load_processor
 
 
@@ -195,16 +195,7 @@ class Qwen2VLAdapter(Adapter):
 
     # --- prompts and features
     def prompt(self, image: np.ndarray, question: str) -> Prompt:
-        h, w = self.image_size()
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise UserError(f"image must be HxWx3 RGB, got shape {tuple(image.shape)}")
-        if image.shape[:2] != (h, w):
-            raise UserError(f"image is {image.shape[1]}x{image.shape[0]}, the model takes {w}x{h}")
-        from PIL import Image
-
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
-        enc = self.processor(images=Image.fromarray(image), text=text, return_tensors="pt")
+        enc = encode_chat(self.processor, image, question, self.image_size())
         ids = enc["input_ids"]
         grid = torch.as_tensor(enc["image_grid_thw"])
         if not torch.equal(grid, self.grid_thw()):

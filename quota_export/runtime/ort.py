@@ -191,16 +191,9 @@ class OrtRunner:
 
     def encode(self, image: np.ndarray, question: str):
         """-> (input_ids [1,T], pixel_values [1,3,H,W]) via the shipped processor, checked."""
-        h, w = self.image_size
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise UserError(f"image must be HxWx3 RGB, got shape {tuple(image.shape)}")
-        if image.shape[:2] != (h, w):
-            raise UserError(f"image is {image.shape[1]}x{image.shape[0]}, these graphs take {w}x{h}")
-        from PIL import Image
+        from quota_export.models.base import encode_chat
 
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
-        enc = self.processor(images=Image.fromarray(image), text=text, return_tensors="np")
+        enc = encode_chat(self.processor, image, question, tuple(self.image_size), "these graphs take", "np")
         ids = enc["input_ids"].astype(np.int64)
         pos = np.flatnonzero(ids[0] == self.image_token_id)
         if len(pos) != self.n_visual or pos[0] != self.visual_start or pos[-1] - pos[0] != self.n_visual - 1:
