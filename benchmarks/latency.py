@@ -629,10 +629,8 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
 
 def analysis(split, tot, exc, ideal, ratio, stage_rows) -> list[str]:
     """A few generated lines: where the gap to the ideal ratio comes from (numbers from the profile).
-
-    stage_rows: per stage (rows before the gather, rows after), text included; the recomputation
-    estimate takes the stage's q/k/v pass as proportional to its rows."""
-    frac = sum(b for _, b in stage_rows) / sum(a for a, _ in stage_rows)
+    `stage_rows` (rows before/after each gather) is unused since pruning layers reuse the scoring
+    pass's q/k/v; kept in the signature for the caller."""
     out = ["Where the gap to the ideal comes from:", ""]
     for u, p in PAIRS:
         gap = tot[p] - ideal * tot[u]
