@@ -68,6 +68,15 @@ def _check_quant_fits(recipe, adapter, spec) -> None:
                     f"quant.weights.group_size: {w.group_size} does not divide the {weight.shape[1]} input "
                     f"features of {name}"
                 )
+    if w.bits < 16:
+        mods = dict(adapter.model.named_modules())
+        for name in recipe.quantized_modules(list(mods)):
+            weight = getattr(mods[name], "weight", None)
+            if weight is not None and weight.dim() == 2:
+                try:
+                    w.scale_bits_for(weight.shape[1], rq.activations.bits)
+                except ValueError as e:
+                    raise UserError(f"quant.weights.accumulation: {name}: {e}") from None
 
 
 def load_deployed(recipe):

@@ -204,7 +204,7 @@ class Evaluator:
 
     def _head(self, h):
         d = self.dep
-        return self._rmsnorm(h[:, -1], d.norm, d.spec.rms_eps) @ d.lm_head.T
+        return self._rmsnorm(h[:, -1], d.norm, d.spec.rms_eps, d.hp) @ d.lm_head.T
 
     @torch.no_grad()
     def _entry(self, prefix: tuple, layer: int, memo: dict) -> _Entry:

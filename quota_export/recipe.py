@@ -84,6 +84,10 @@ class WeightQuant(BaseModel):
     group_size: int = 32  # positive power of 2; ignored for granularity "channel"
     algorithm: Literal["rtn", "gptq"] = "rtn"
     gptq: GPTQArgs = GPTQArgs()
+    # exact: with quantized activations, group scales are snapped to m * 2^e per row so the
+    # quantized matmul sums exactly in fp32 in any order (graphs == reference bit for bit, see
+    # quant/quantizers.py); float: free fp32 scales (parity then has rounding-order noise).
+    accumulation: Literal["exact", "float"] = "exact"
     targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
 
@@ -102,6 +106,14 @@ class WeightQuant(BaseModel):
     def group_size_for(self, in_features: int) -> int:
         """The group size actually used for a weight with `in_features` columns."""
         return in_features if self.granularity == "channel" else self.group_size
+
+    def scale_bits_for(self, in_features: int, act_bits: int) -> int | None:
+        """Bits of the snapped group scales (exact accumulation), or None for free fp32 scales."""
+        if self.accumulation == "float" or act_bits >= 16 or self.bits >= 16:
+            return None
+        from quota_export.quant.quantizers import exact_scale_bits
+
+        return exact_scale_bits(in_features, self.bits, self.symmetric, act_bits)
 
     def selects(self, module_name: str) -> bool:
         """True if the module is quantized: matched by some target and by no ignore pattern."""
@@ -302,6 +314,10 @@ class Export(BaseModel):
     gather: Literal["onnx", "plugin"] = "onnx"
     max_seq: int = Field(256, gt=0)
     max_new_tokens: int = Field(8, gt=0)
+    # Precision of the order-sensitive float work between quantizers (RMSNorm statistics, RoPE
+    # tables, attention, SiLU, pruning signals): fp64 makes graphs and reference agree token for
+    # token (reference.Deployed); fp32 is faster. The tensorrt target always uses fp32.
+    reductions: Literal["fp64", "fp32"] = "fp64"
 
     @field_validator("targets")
     @classmethod

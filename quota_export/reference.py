@@ -27,7 +27,8 @@ from quota_export.models.base import Adapter
 from quota_export.prune.topk import stable_topk
 from quota_export.quant.quantizers import (
     QWeight,
-    fake_quant_act,
+    exact_scale_bits,
+    quant_act,
     kv_dequantize,
     kv_quantize,
     quantize_weight,
@@ -57,10 +58,12 @@ class DeployConfig:
     w_algorithm: str = "rtn"
     targets: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
+    exact_acc: bool = True  # weights.accumulation == "exact" (see quant/quantizers.py)
     a_bits: int = 16
     kv_bits: int = 16
     kv_group: int | None = None  # None = head_dim
     stages: list[StageCfg] = field(default_factory=list)
+    fp64: bool = True  # export.reductions == "fp64" (see `Deployed`)
 
     @classmethod
     def from_recipe(cls, recipe) -> "DeployConfig":
@@ -79,11 +82,13 @@ class DeployConfig:
             w_symmetric=w.symmetric,
             w_group=w.group_size if w.granularity == "group" else None,
             w_algorithm=w.algorithm,
+            exact_acc=w.accumulation == "exact",
             targets=list(w.targets),
             ignore=list(w.ignore),
             a_bits=a.bits,
             kv_bits=kv.bits,
             kv_group=kv.group_size,
+            fp64=recipe.export.reductions == "fp64",
             stages=[
                 StageCfg(
                     s.layer,
@@ -94,6 +99,13 @@ class DeployConfig:
                 for s in recipe.pruning.stages
             ],
         )
+
+
+    def scale_bits(self, in_features: int) -> int | None:
+        """Bits of the snapped weight scales for a layer this wide (None: free fp32 scales)."""
+        if not self.exact_acc or self.a_bits >= 16 or self.w_bits >= 16:
+            return None
+        return exact_scale_bits(in_features, self.w_bits, self.w_symmetric, self.a_bits)
 
 
 def quantized_module_names(names: list[str], cfg: DeployConfig) -> list[str]:
@@ -111,7 +123,8 @@ def rtn_weights(adapter: Adapter, cfg: DeployConfig) -> dict[str, QWeight]:
     res = {}
     for n in quantized_module_names(list(mods), cfg):
         w = mods[n].weight.detach().float()
-        res[n] = quantize_weight(w, cfg.w_bits, cfg.w_symmetric, cfg.w_group or w.shape[1])
+        k = w.shape[1]
+        res[n] = quantize_weight(w, cfg.w_bits, cfg.w_symmetric, cfg.w_group or k, scale_bits=cfg.scale_bits(k))
     return res
 
 
@@ -150,12 +163,14 @@ def stage_score(stage: StageCfg, mag, att, risk):
     patches); only a token sitting on a grid boundary can move. Multiplying by 2^b is exact."""
     (wm, wa, wr), (sm, sa, sr) = stage.w, stage.sigma
     s = (wm / sm) * mag + (wa / sa) * att - (wr / sr) * risk
-    return torch.round(s * float(2**SCORE_GRID_BITS))
+    return torch.round(s * float(2**SCORE_GRID_BITS)).float()
 
 
-def rmsnorm(x, weight, eps):
-    v = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(v + eps))
+def rmsnorm(x, weight, eps, hp=torch.float32):
+    """weight * (x * r), r = 1 / sqrt(mean(x^2) + eps) computed in `hp` and rounded to fp32."""
+    xh = x.to(hp)
+    r = 1.0 / torch.sqrt((xh * xh).mean(-1, keepdim=True) + eps)
+    return weight * (x * r.float())
 
 
 def rotate_half(x):
@@ -164,7 +179,16 @@ def rotate_half(x):
 
 
 class Deployed:
-    """Adapter + DeployConfig (+ calibrated weights) -> the deployed forward and generate."""
+    """Adapter + DeployConfig (+ calibrated weights) -> the deployed forward and generate.
+
+    Precision. Quantized matmuls are exact (integer activations, snapped weight scales; see
+    quant/quantizers.py). The float work between quantizers whose result depends on summation
+    order or on a transcendental's last bit — RMSNorm statistics, RoPE tables, attention
+    (scores, softmax, weighted sum), SiLU and the pruning signals — runs in `hp`: float64 with
+    `export.reductions: fp64` (the default; every result is rounded once to fp32, so torch and
+    ONNX Runtime agree unless a value lands within ~1e-16 of a rounding boundary), else fp32.
+    A 4-bit quantizer turns a last-bit difference into a whole quantization step, so this is what
+    makes graphs and reference agree token for token."""
 
     def __init__(self, adapter: Adapter, cfg: DeployConfig, qweights: dict[str, QWeight] | None = None):
         self.adapter = adapter
@@ -200,32 +224,45 @@ class Deployed:
             for i in range(self.spec.num_layers)
         ]
         self.stage_at = {s.layer: s for s in cfg.stages}
+        self.hp = torch.float64 if cfg.fp64 else torch.float32
+
+    def set_reductions(self, fp64: bool) -> None:
+        """Switch the precision of the order-sensitive reductions (see the class doc)."""
+        self.cfg.fp64 = fp64
+        self.hp = torch.float64 if fp64 else torch.float32
 
     # ------------------------------------------------------------ pieces shared with calibration
-    def mm(self, x, layer: int, lin: str):
-        """x @ W^T (+ bias): the already-quantized input times the deployed weight."""
+    def mm(self, xs, layer: int, lin: str):
+        """(q @ W^T) * s (+ bias) for `xs` = act(...) = (q, s): integer activations times the
+        deployed weight, then the per-token scale — the order the graphs compute it in (with
+        exact accumulation the product is exact, see quant/quantizers.py)."""
+        x, s = xs
         y = x @ self.W[layer][lin].T
+        if s is not None:
+            y = y * s
         b = self.B[layer][lin]
         return y if b is None else y + b
 
     def act(self, x, layer: int, lin: str):
+        """The input of a linear: (integers, per-token scale) if quantized, else (x, None)."""
         if self.cfg.a_bits < 16 and self.quantized[layer][lin]:
-            return fake_quant_act(x, self.cfg.a_bits)
-        return x
+            return quant_act(x, self.cfg.a_bits)
+        return x, None
 
     def rope_freqs(self, pos):
         """pos [1,T] (1-D RoPE) or [P,1,T] (M-RoPE planes) -> angles [1,T,d/2].
 
         With planes, frequency f uses the position of plane `rope_planes[f]` (adapter-given)."""
+        inv = self.inv_freq.to(self.hp)
         if pos.dim() == 3:
             sel = pos[self.rope_planes]  # [d/2, 1, T]
-            return sel.permute(1, 2, 0).float() * self.inv_freq
-        return pos[..., None].float() * self.inv_freq
+            return sel.permute(1, 2, 0).to(self.hp) * inv
+        return pos[..., None].to(self.hp) * inv
 
     def rope(self, x, pos):
-        freqs = self.rope_freqs(pos)  # [1, T, d/2]
+        freqs = self.rope_freqs(pos)  # [1, T, d/2] in hp
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [1, 1, T, d]
+        cos, sin = emb.cos().float()[:, None], emb.sin().float()[:, None]  # [1, 1, T, d]
         return x * cos + rotate_half(x) * sin
 
     def kv(self, x):
@@ -240,7 +277,7 @@ class Deployed:
         """(normed+quantized input x, q, k', v', k fp, v fp, k quant, v quant)."""
         sp = self.spec
         W = self.W[layer]
-        xn = rmsnorm(h, self.ln1[layer], sp.rms_eps)
+        xn = rmsnorm(h, self.ln1[layer], sp.rms_eps, self.hp)
         B, T, _ = h.shape
         x = self.act(xn, layer, "self_attn.q_proj")
         q = self.mm(x, layer, "self_attn.q_proj").view(B, T, sp.heads, sp.head_dim).transpose(1, 2)
@@ -252,7 +289,8 @@ class Deployed:
         return xn, x, q, kd, vd, k, v, kq, vq
 
     def attend(self, q, k, v, causal_offset: int | None):
-        """q [1,H,Tq,d], k/v [1,kvh,Tk,d] -> probs [1,H,Tq,Tk], out [1,H,Tq,d]."""
+        """q [1,H,Tq,d], k/v [1,kvh,Tk,d] -> probs [1,H,Tq,Tk] (hp), out [1,H,Tq,d] (fp32)."""
+        q, k, v = q.to(self.hp), k.to(self.hp), v.to(self.hp)
         rep = self.spec.heads // self.spec.kv_heads
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
@@ -264,14 +302,15 @@ class Deployed:
             j = torch.arange(Tk)[None, :]
             s = s.masked_fill(j > i, float("-inf"))
         p = torch.softmax(s, dim=-1)
-        return p, p @ v
+        return p, (p @ v).float()
 
     def mlp(self, layer: int, h):
         W = self.W[layer]
-        x = self.act(rmsnorm(h, self.ln2[layer], self.spec.rms_eps), layer, "mlp.gate_proj")
+        x = self.act(rmsnorm(h, self.ln2[layer], self.spec.rms_eps, self.hp), layer, "mlp.gate_proj")
         g = self.mm(x, layer, "mlp.gate_proj")
         u = self.mm(x, layer, "mlp.up_proj")
-        a = torch.nn.functional.silu(g) * u
+        gh = g.to(self.hp)
+        a = (gh * torch.sigmoid(gh)).float() * u
         return self.mm(self.act(a, layer, "mlp.down_proj"), layer, "mlp.down_proj")
 
     def layer(self, layer: int, h, pos, pre=None):
@@ -293,19 +332,24 @@ class Deployed:
     # ------------------------------------------------------------ scoring
     def signals(self, layer: int, h, pos, start: int, n: int):
         """Per visual token: magnitude, attention from the text after the span, low-bit risk."""
-        xn, x, q, kd, vd, k, v, _, _ = self.qkv(layer, h, pos)
+        xn, (xq, xs), q, kd, vd, k, v, _, _ = self.qkv(layer, h, pos)
+        x = xq if xs is None else xq * xs  # the dequantized input
         vis = slice(start, start + n)
-        mag = h[:, vis].norm(dim=-1)  # [1, n]
+        hv = h[:, vis].to(self.hp)
+        mag = (hv * hv).sum(-1).sqrt()  # [1, n]
         T = h.shape[1]
         qt = q[:, :, start + n : T]  # instruction (text) queries after the image
         p, _ = self.attend(qt, kd, vd, causal_offset=start + n)
         att = p[..., vis].mean(dim=(1, 2))  # [1, n]
+        hp = self.hp
         xv = xn[:, vis]
-        risk = (x[:, vis] - xv).norm(dim=-1) / xv.norm(dim=-1).clamp_min(1e-12)
+        dif, xvh = (x[:, vis] - xv).to(hp), xv.to(hp)
+        risk = (dif * dif).sum(-1).sqrt() / (xvh * xvh).sum(-1).sqrt().clamp_min(1e-12)
         if self.cfg.kv_bits < 16:
             for fq, fp in ((kd, k), (vd, v)):
-                num = (fq[:, :, vis] - fp[:, :, vis]).pow(2).sum(dim=(1, 3)).sqrt()
-                den = fp[:, :, vis].pow(2).sum(dim=(1, 3)).sqrt().clamp_min(1e-12)
+                dd, b = (fq[:, :, vis] - fp[:, :, vis]).to(hp), fp[:, :, vis].to(hp)
+                num = (dd * dd).sum(dim=(1, 3)).sqrt()
+                den = (b * b).sum(dim=(1, 3)).sqrt().clamp_min(1e-12)
                 risk = risk + num / den
         return mag, att, risk
 
@@ -343,7 +387,7 @@ class Deployed:
                 n = st.keep
             h, kv = self.layer(l, h, pos, pre if st is not None else None)
             cache.append(kv)
-        hl = rmsnorm(h[:, -1], self.norm, self.spec.rms_eps)
+        hl = rmsnorm(h[:, -1], self.norm, self.spec.rms_eps, self.hp)
         return PrefillOut(hl @ self.lm_head.T, cache, kept, scores, pos)
 
     @torch.no_grad()
@@ -360,7 +404,7 @@ class Deployed:
             o = o.transpose(1, 2).reshape(1, 1, sp.heads * sp.head_dim)
             h = h + self.mm(self.act(o, l, "self_attn.o_proj"), l, "self_attn.o_proj")
             h = h + self.mlp(l, h)
-        hl = rmsnorm(h[:, -1], self.norm, sp.rms_eps)
+        hl = rmsnorm(h[:, -1], self.norm, sp.rms_eps, self.hp)
         return hl @ self.lm_head.T
 
     def embed_prompt(self, prompt):

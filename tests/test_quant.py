@@ -394,3 +394,109 @@ def test_gptq_matches_reference_loop(symmetric, group, block, act_order):
     got = gptq_quantize(w, H, bits=4, symmetric=symmetric, group_size=group, block_size=block, act_order=act_order)
     want = reference_gptq(w, H, 4, symmetric, group, block, act_order)
     torch.testing.assert_close(got.dequant(), want, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- exact accumulation
+
+
+def test_exact_scale_bits():
+    from quota_export.quant.quantizers import exact_scale_bits
+
+    # 512 * 8 * 8 * (2^9 - 1) < 2^24 <= 512 * 8 * 8 * (2^10 - 1)
+    assert exact_scale_bits(512, 4, True, 4) == 9
+    assert exact_scale_bits(192, 4, True, 4) == 10
+    assert exact_scale_bits(512, 4, False, 4) == 8  # |q - zp| <= 15
+    assert exact_scale_bits(64, 4, True, 4) == 12
+    with pytest.raises(ValueError, match="accumulation: float"):
+        exact_scale_bits(4096, 8, True, 8)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_snapped_scales_are_fixed_point_per_row(symmetric):
+    from quota_export.quant.quantizers import exact_scale_bits, weight_scales
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 256, generator=g) * torch.logspace(-3, 0, 256)[None]  # groups of very different range
+    b = exact_scale_bits(256, 4, symmetric, 4)
+    free, _ = weight_scales(w, 4, symmetric, 32)
+    snapped, zp = weight_scales(w, 4, symmetric, 32, scale_bits=b)
+    assert torch.all(snapped >= free)  # rounded up: a min/max range never saturates
+    top = snapped.amax(1, keepdim=True).double()
+    e = torch.ceil(torch.log2(top / (2**b - 1)))
+    m = snapped.double() / torch.exp2(e)
+    assert torch.equal(m, torch.round(m)) and m.min() >= 1 and m.max() <= 2**b - 1
+    qw = quantize_weight(w, 4, symmetric, 32, scale_bits=b)
+    lo, hi = qrange(4, symmetric)
+    assert int(qw.q.min()) >= lo and int(qw.q.max()) <= hi
+
+
+def test_exact_accumulation_is_order_independent():
+    """Integer activations times snapped weights: fp32 sums in any order equal the fp64 sum."""
+    from quota_export.quant.quantizers import exact_scale_bits
+
+    g = torch.Generator().manual_seed(1)
+    K = 512
+    w = torch.randn(64, K, generator=g)
+    x = torch.randint(-7, 8, (40, K), generator=g).float()
+    exact = quantize_weight(w, 4, True, 64, scale_bits=exact_scale_bits(K, 4, True, 4)).dequant()
+    free = quantize_weight(w, 4, True, 64).dequant()
+    perm = torch.randperm(K, generator=g)
+    for W, want_exact in ((exact, True), (free, False)):
+        fwd = x @ W.T
+        rev = x[:, perm] @ W[:, perm].T
+        f64 = (x.double() @ W.double().T).float()
+        same = torch.equal(fwd, rev) and torch.equal(fwd, f64)
+        assert same == want_exact
+
+
+def test_exact_accumulation_matches_onnxruntime_4bit_kernel():
+    """ONNX Runtime's fused 4-bit MatMul (MatMulNBits, fp32) equals torch bit for bit on snapped
+    scales, and not on free fp32 scales (the reason the scales are snapped)."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from quota_export.lower.graph import Graph
+    from quota_export.quant.quantizers import exact_scale_bits
+
+    g = torch.Generator().manual_seed(2)
+    K, N, T = 512, 96, 64
+    w = torch.randn(N, K, generator=g)
+    x = torch.randint(-7, 8, (1, T, K), generator=g).float()
+    results = {}
+    for name, sb in (("exact", exact_scale_bits(K, 4, True, 4)), ("free", None)):
+        qw = quantize_weight(w, 4, True, 64, scale_bits=sb)
+        gr = Graph("mm")
+        xi = gr.input("x", TensorProto.FLOAT, [1, T, K])
+        d = gr.op("DequantizeLinear", [gr.init_int4("weight_q", qw.q.numpy().T), gr.init("scale", qw.scale.numpy().T.copy())],
+                  axis=0, block_size=64)  # fmt: skip
+        gr.output(gr.op("MatMul", [xi, d]), "y", TensorProto.FLOAT, [1, T, N])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        s = ort.InferenceSession(gr.model(21).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        got = s.run(None, {"x": x.numpy()})[0]
+        results[name] = np.array_equal(got, (x @ qw.dequant().T).numpy())
+    assert results == {"exact": True, "free": False}
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_on_the_exact_grid(symmetric, act_order):
+    """With 4-bit activations (exact accumulation) GPTQ's scales sit on each row's fixed-point
+    grid and it still beats RTN on the same grid."""
+    from quota_export.quant.quantizers import exact_scale_bits
+
+    X = correlated_inputs()
+    w = randn(32, 64, seed=11)
+    acc = HessianAccumulator(64)
+    acc.add(X)
+    cfg = WeightQuant(bits=4, symmetric=symmetric, group_size=16, algorithm="gptq", gptq=GPTQArgs(act_order=act_order))
+    b = exact_scale_bits(64, 4, symmetric, 4)
+    assert cfg.scale_bits_for(64, 4) == b and cfg.scale_bits_for(64, 16) is None
+    qg, qr = gptq(w, acc.hessian, cfg, act_bits=4), rtn(w, cfg, act_bits=4)
+    for q in (qg, qr):
+        e = torch.ceil(torch.log2(q.scale.amax(1, keepdim=True).double() / (2**b - 1)))
+        m = q.scale.double() / torch.exp2(e)
+        assert torch.equal(m, torch.round(m)) and m.max() <= 2**b - 1
+    assert (X @ (w - qg.dequant()).T).norm() < 0.7 * (X @ (w - qr.dequant()).T).norm()
+    assert not torch.equal(rtn(w, cfg).scale, qr.scale)  # free fp32 scales without quantized activations

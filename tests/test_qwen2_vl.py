@@ -68,9 +68,9 @@ def test_rope_tables_match_hf(adapter, samples):
     x = torch.zeros(1, 1, dep.spec.head_dim)
     cos, sin = adapter.lm.rotary_emb(x, p.position_ids)
     f = dep.rope_freqs(p.position_ids)
-    emb = torch.cat((f, f), dim=-1)
-    torch.testing.assert_close(emb.cos(), cos, rtol=0, atol=1e-6)
-    torch.testing.assert_close(emb.sin(), sin, rtol=0, atol=1e-6)
+    emb = torch.cat((f, f), dim=-1)  # float64 with the default fp64 reductions, rounded once to fp32
+    torch.testing.assert_close(emb.cos().float(), cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(emb.sin().float(), sin, rtol=0, atol=1e-6)
 
 
 def test_reference_matches_hf_logits(adapter, samples):

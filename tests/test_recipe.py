@@ -314,6 +314,19 @@ def test_export_rules(tmp_path):
     assert load_error(tmp_path, mutate(export={"max_seq": 0})) == "export.max_seq: Input should be greater than 0"
 
 
+def test_numerics_fields(tmp_path):
+    assert load_error(tmp_path, mutate(export={"reductions": "fp16"})) == (
+        "export.reductions: Input should be 'fp64' or 'fp32'"
+    )
+    q = {"scheme": "w4a4kv4", "weights": {"bits": 4, "accumulation": "int"}}
+    assert load_error(tmp_path, mutate(quant=q)) == "quant.weights.accumulation: Input should be 'exact' or 'float'"
+    w = WeightQuant(bits=4)
+    assert w.accumulation == "exact" and w.scale_bits_for(512, 4) == 9 and w.scale_bits_for(512, 16) is None
+    assert WeightQuant(bits=4, accumulation="float").scale_bits_for(512, 4) is None
+    with pytest.raises(ValueError, match="too wide for exact accumulation"):
+        WeightQuant(bits=8).scale_bits_for(8192, 8)
+
+
 def test_several_errors_on_one_line(tmp_path):
     msg = load_error(tmp_path, mutate(colour="red", pruning__budget=2.0))
     assert msg == "pruning.budget: Input should be less than or equal to 1; colour: Extra inputs are not permitted"

@@ -42,6 +42,21 @@ def session(model):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def test_tensorrt_target_lowers_fp32_reductions(tiny128):
+    """TensorRT has no FP64: the target switches the reference to fp32 reductions, and no graph
+    computes in FP64 (while the onnx target of the same recipe does)."""
+    from quota_export.lower.trt_check import check_model
+
+    dep = deployed(tiny128)
+    assert dep.cfg.fp64
+    onnx_fp64 = [v for v in check_model(onnx_target.lower(dep, 3, 21)["prefill.onnx"]) if v.rule == "fp64"]
+    assert onnx_fp64  # the checker sees the onnx target's FP64 reductions
+    graphs = tensorrt_target.lower(dep, 3, 21)
+    assert not dep.cfg.fp64 and dep.hp == torch.float32
+    for name, m in graphs.items():
+        assert [v for v in check_model(m) if v.rule == "fp64"] == [], name
+
+
 @pytest.mark.parametrize("kv_bits", [4, 8])
 def test_tensorrt_graphs_pass_checker_and_match_reference(tiny128, kv_bits):
     dep = deployed(tiny128, kv_bits)

@@ -256,6 +256,16 @@ def test_axes_not_constant_rejected():
     assert rules(m) == [("/a/ReduceMean", "axes-not-constant")]
 
 
+def test_fp64_compute_rejected_but_cast_allowed():
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xd"], name="/a/Cast", to=TensorProto.DOUBLE),
+        helper.make_node("Mul", ["xd", "xd"], ["sq"], name="/a/Mul"),
+        helper.make_node("Cast", ["sq"], ["y"], name="/a/Cast_1", to=F),
+    ]
+    vs = check_model(model(nodes, [vi("x", F, [2, 8])], [vi("y", F)]))
+    assert [(v.node, v.rule) for v in vs] == [("/a/Mul", "fp64")]
+
+
 def test_opset_outside_range_rejected():
     n = helper.make_node("Relu", ["x"], ["y"], name="/a/Relu")
     assert rules(model([n], [vi("x", F, [2])], [vi("y", F)], opset=25)) == [("<model>", "opset")]

@@ -1,7 +1,8 @@
 """Lower the deployed decoder (reference.py's numerics) into prefill and decode ONNX graphs.
 
-Every op here mirrors one op of `reference.Deployed`, in the same order and in fp32, so the
-graphs and the reference agree to float rounding (and bit for bit in every quantizer):
+Every op here mirrors one op of `reference.Deployed`, in the same order and precision (fp32;
+the order-sensitive reductions in float64 with `export.reductions: fp64`, cast once to fp32;
+quantized matmuls exact), so the graphs and the reference agree bit for bit in practice:
 
     prefill:  inputs_embeds [1,T,D], position_ids [1,T]
               -> per layer: [stage: score -> TopK(k) -> ascending -> Gather rows/positions]
@@ -23,7 +24,7 @@ import numpy as np
 import onnx
 
 from quota_export.lower.gather_onnx import build_gather_subgraph, build_plugin_node
-from quota_export.lower.graph import FLOAT, INT64, UINT8, Graph
+from quota_export.lower.graph import DOUBLE, FLOAT, INT64, UINT8, Graph
 from quota_export.quant.quantizers import EPS
 from quota_export.reference import LINEARS, SCORE_GRID_BITS, Deployed
 
@@ -63,6 +64,23 @@ class DecoderLowering:
         self.n_visual = n_visual
         self.visual_start = visual_start
         self._w_cache: dict[str, str] = {}
+        self.fp64 = dep.cfg.fp64
+        if self.fp64 and target == "tensorrt":
+            raise ValueError("the tensorrt target needs fp32 reductions (Deployed.set_reductions(False))")
+
+    # ------------------------------------------------------------------ precision (see reference.Deployed)
+    def hconst(self, value) -> np.ndarray:
+        return np.asarray(value, np.float64 if self.fp64 else np.float32)
+
+    def to_hp(self, g: Graph, x):
+        return g.op("Cast", [x], to=DOUBLE) if self.fp64 else x
+
+    def to_f(self, g: Graph, x):
+        return g.op("Cast", [x], to=FLOAT) if self.fp64 else x
+
+    def hc(self, g: Graph, value):
+        """A constant in the reductions' precision."""
+        return g.const(value, np.float64 if self.fp64 else np.float32)
 
     def pos_shape(self, seq):
         planes = self.dep.rope_planes
@@ -73,19 +91,22 @@ class DecoderLowering:
         return g.const(list(axes), np.int64)
 
     def rmsnorm(self, g: Graph, x, w: np.ndarray, name: str):
-        """x * rsqrt(mean(x^2) + eps) * w"""
+        """w * (x * r), r = 1 / sqrt(mean(x^2) + eps) in the reductions' precision"""
         with g.scope(name):
-            sq = g.op("Mul", [x, x], name="Pow")
+            xh = self.to_hp(g, x)
+            sq = g.op("Mul", [xh, xh], name="Pow")
             v = g.op("ReduceMean", [sq, self.ax(g, [-1])], keepdims=1)
-            r = g.op("Sqrt", [g.op("Add", [v, g.const(self.spec.rms_eps)])])
-            r = g.op("Reciprocal", [r])
+            r = g.op("Sqrt", [g.op("Add", [v, self.hc(g, self.spec.rms_eps)])])
+            r = self.to_f(g, g.op("Reciprocal", [r]))
             y = g.op("Mul", [x, r])
             return g.op("Mul", [g.init("weight", w.astype(np.float32)), y], name="MulWeight")
 
     def act_qdq(self, g: Graph, x, dim: int, name: str):
-        """INT4/INT8 per-token dynamic symmetric Q/DQ, scale computed in the graph.
+        """INT4/INT8 per-token dynamic symmetric quantization, scale computed in the graph.
 
-        x -> Abs -> ReduceMax(-1) -> Max(eps) -> Div(qmax) = s;  DQ(Q(x, s), s) (blocked, block=dim)
+        x -> Abs -> ReduceMax(-1) -> Max(eps) -> Div(qmax) = s;  q = Cast(Q(x, s), float)
+        Returns (q, s): the integers as float and the per-token scale, which `linear` applies
+        after the MatMul, (q @ W) * s, so the sum is exact (see quant/quantizers.py).
         """
         bits = self.cfg.a_bits
         qmax = 2 ** (bits - 1) - 1
@@ -98,14 +119,12 @@ class DecoderLowering:
                 # TensorRT has no INT4 activations and wants constant Q/DQ scales: the same
                 # numerics in float (round-half-even + saturate), exact to the Q/DQ pair.
                 q = g.op("Round", [g.op("Div", [x, s])])
-                q = g.op("Clip", [q, g.const(float(-qmax - 1)), g.const(float(qmax))], name="Saturate")
-                return g.op("Mul", [q, s], name="Dequant")
+                return g.op("Clip", [q, g.const(float(-qmax - 1)), g.const(float(qmax))], name="Saturate"), s
             dt = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
             q = g.op("QuantizeLinear", [x, s], axis=-1, block_size=dim, output_dtype=dt)
-            y = g.op("DequantizeLinear", [q, s], axis=-1, block_size=dim)
-            # A shape-preserving Reshape keeps ONNX Runtime's DQ+MatMul -> MatMulNBits fusion
-            # (it fuses a MatMul only when its single DQ input is the weight)
-            return g.op("Reshape", [y, g.const([1, -1, dim], np.int64)], name="Barrier")
+            # Cast, not DequantizeLinear(q, 1): ONNX Runtime fuses DQ(int4 W) + MatMul into its 4-bit
+            # MatMul only when the weight is the MatMul's single DQ input
+            return g.op("Cast", [q], to=FLOAT, name="Integers"), s
 
     def weight(self, g: Graph, l: int, lin: str):
         """The MatMul B operand: DQ(int4 blocked const) or an fp32 constant, [in, out]."""
@@ -140,10 +159,12 @@ class DecoderLowering:
         if quant and x_q is None:
             dim = self.dep.W[l][lin].shape[1]
             x_q = self.act_qdq(g, x, dim, f"model/layers.{l}/{SHORT[lin]}/input_quant")
-        xin = x_q if quant else x
+        xin = x_q[0] if quant else x
         w = self.weight(g, l, lin)
         with g.scope(f"model/layers.{l}/{SHORT[lin]}"):
             y = g.op("MatMul", [xin, w])
+            if quant:
+                y = g.op("Mul", [y, x_q[1]], name="ActScale")
             b = self.dep.B[l][lin]
             return y if b is None else g.op("Add", [y, g.init("bias", b.numpy().astype(np.float32))], name="Bias")
 
@@ -156,17 +177,17 @@ class DecoderLowering:
     def rope_tables(self, g: Graph, pos, name: str):
         """position_ids [1,T] -> cos, sin [1,1,T,d]"""
         with g.scope(name):
-            p = g.op("Cast", [pos], to=FLOAT)
+            p = g.op("Cast", [pos], to=DOUBLE if self.fp64 else FLOAT)
             if self.dep.rope_planes is not None:
                 # M-RoPE: [P,1,T] -> frequency f reads plane rope_planes[f] -> [1,T,d/2]
                 sel = g.op("Gather", [p, g.init("planes", self.dep.rope_planes.numpy().astype(np.int64))], axis=0)
                 p = g.op("Transpose", [sel], perm=[1, 2, 0])
             else:
                 p = g.op("Unsqueeze", [p, self.ax(g, [-1])])
-            f = g.op("Mul", [p, g.init("inv_freq", self.dep.inv_freq.numpy().astype(np.float32))])
+            f = g.op("Mul", [p, g.init("inv_freq", self.hconst(self.dep.inv_freq.numpy()))])
             e = g.op("Concat", [f, f], axis=-1)
-            cos = g.op("Unsqueeze", [g.op("Cos", [e]), self.ax(g, [1])], name="cos")
-            sin = g.op("Unsqueeze", [g.op("Sin", [e]), self.ax(g, [1])], name="sin")
+            cos = g.op("Unsqueeze", [self.to_f(g, g.op("Cos", [e])), self.ax(g, [1])], name="cos")
+            sin = g.op("Unsqueeze", [self.to_f(g, g.op("Sin", [e])), self.ax(g, [1])], name="sin")
             return cos, sin
 
     def rope(self, g: Graph, x, cos, sin, name: str):
@@ -252,17 +273,18 @@ class DecoderLowering:
             i = g.op("Range", [g.const(offset, np.int64), g.op("Add", [tq, g.const(offset, np.int64)]), g.const(1, np.int64)])
             j = g.op("Range", [g.const(0, np.int64), tk, g.const(1, np.int64)])
             cond = g.op("Greater", [g.op("Unsqueeze", [j, self.ax(g, [0])]), g.op("Unsqueeze", [i, self.ax(g, [1])])])
-            return g.op("Where", [cond, g.const(-np.inf), scores])
+            return g.op("Where", [cond, self.hc(g, -np.inf), scores])
 
     def attend(self, g: Graph, q, k, v, offset, name: str):
         with g.scope(name):
-            k = self.repeat_kv(g, k, "repeat_k")
-            v = self.repeat_kv(g, v, "repeat_v")
+            q = self.to_hp(g, q)
+            k = self.to_hp(g, self.repeat_kv(g, k, "repeat_k"))
+            v = self.to_hp(g, self.repeat_kv(g, v, "repeat_v"))
             s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])], name="QK")
-            s = g.op("Mul", [s, g.const(self.spec.head_dim**-0.5)])
+            s = g.op("Mul", [s, self.hc(g, self.spec.head_dim**-0.5)])
             s = self.causal_mask(g, s, offset, "mask")
             p = g.op("Softmax", [s], axis=-1)
-            return p, g.op("MatMul", [p, v], name="PV")
+            return p, self.to_f(g, g.op("MatMul", [p, v], name="PV"))
 
     # ------------------------------------------------------------------ blocks
     def qkv(self, g: Graph, l: int, h, cos, sin):
@@ -291,7 +313,8 @@ class DecoderLowering:
         gt = self.linear(g, xn, l, "mlp.gate_proj", xq)
         up = self.linear(g, xn, l, "mlp.up_proj", xq)
         with g.scope(f"model/layers.{l}/mlp"):
-            a = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])], name="silu"), up], name="act")
+            gh = self.to_hp(g, gt)
+            a = g.op("Mul", [self.to_f(g, g.op("Mul", [gh, g.op("Sigmoid", [gh])], name="silu")), up], name="act")
         down = self.linear(g, a, l, "mlp.down_proj")
         return g.op("Add", [h, down], name=f"model/layers.{l}/mlp/residual")
 
@@ -317,7 +340,7 @@ class DecoderLowering:
         with g.scope(f"model/layers.{l}/prune"):
             kd, vd, kn, vn = self.kv_store(g, l, k, v)
             sl = lambda t, a, b, axis: g.op("Slice", [t, self.ax(g, [a]), self.ax(g, [b]), self.ax(g, [axis])])
-            hv = sl(h, s0, s0 + n, 1)
+            hv = self.to_hp(g, sl(h, s0, s0 + n, 1))
             mag = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [hv, hv]), self.ax(g, [-1])], keepdims=0)], name="magnitude")
             qt = sl(q, s0 + n, 1 << 30, 2)
             p, _ = self.attend(g, qt, kd, vd, s0 + n, "score_attn")
@@ -328,22 +351,25 @@ class DecoderLowering:
             terms = []
             if True:  # risk is computed even at weight 0, as the reference does
                 xv = sl(xn, s0, s0 + n, 1)
-                xqv = sl(xq if xq is not None else xn, s0, s0 + n, 1)
-                dif = g.op("Sub", [xqv, xv])
+                xdq = xn if xq is None else g.op("Mul", [xq[0], xq[1]], name="dequant_input")
+                xqv = sl(xdq, s0, s0 + n, 1)
+                dif = self.to_hp(g, g.op("Sub", [xqv, xv]))
+                xvh = self.to_hp(g, xv)
                 num = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [dif, dif]), self.ax(g, [-1])], keepdims=0)])
-                den = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [xv, xv]), self.ax(g, [-1])], keepdims=0)])
-                risk = g.op("Div", [num, g.op("Max", [den, g.const(1e-12)])], name="risk_act")
+                den = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [xvh, xvh]), self.ax(g, [-1])], keepdims=0)])
+                risk = g.op("Div", [num, g.op("Max", [den, self.hc(g, 1e-12)])], name="risk_act")
                 if self.cfg.kv_bits < 16:
                     for nm, fq, fp in (("k", kd, k), ("v", vd, v)):
                         a = sl(fq, s0, s0 + n, 2)
-                        b = sl(fp, s0, s0 + n, 2)
-                        dd = g.op("Sub", [a, b])
+                        b = self.to_hp(g, sl(fp, s0, s0 + n, 2))
+                        dd = self.to_hp(g, g.op("Sub", [a, sl(fp, s0, s0 + n, 2)]))
                         nn = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [dd, dd]), self.ax(g, [1, 3])], keepdims=0)])
                         dn = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [b, b]), self.ax(g, [1, 3])], keepdims=0)])
-                        risk = g.op("Add", [risk, g.op("Div", [nn, g.op("Max", [dn, g.const(1e-12)])])], name=f"risk_{nm}")
-            score = g.op("Add", [g.op("Mul", [g.const(wm / sm), mag]), g.op("Mul", [g.const(wa / sa), att])])
-            score = g.op("Sub", [score, g.op("Mul", [g.const(wr / sr), risk])], name="score_raw")
-            score = g.op("Round", [g.op("Mul", [score, g.const(float(2**SCORE_GRID_BITS))])], name="score")
+                        risk = g.op("Add", [risk, g.op("Div", [nn, g.op("Max", [dn, self.hc(g, 1e-12)])])], name=f"risk_{nm}")
+            score = g.op("Add", [g.op("Mul", [self.hc(g, wm / sm), mag]), g.op("Mul", [self.hc(g, wa / sa), att])])
+            score = g.op("Sub", [score, g.op("Mul", [self.hc(g, wr / sr), risk])], name="score_raw")
+            score = g.op("Round", [g.op("Mul", [score, self.hc(g, float(2**SCORE_GRID_BITS))])])
+            score = g.op("Cast", [score], to=FLOAT, name="score")
             prefix = f"/model/layers.{l}/prune/gather"
             build = build_plugin_node if self.target == "tensorrt" else build_gather_subgraph
             kw = {"position_ids_rank": 3} if self.dep.rope_planes is not None else {}

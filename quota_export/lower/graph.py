@@ -14,8 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-FLOAT, INT64, UINT8, INT4, INT8 = (
+FLOAT, DOUBLE, INT64, UINT8, INT4, INT8 = (
     TensorProto.FLOAT,
+    TensorProto.DOUBLE,
     TensorProto.INT64,
     TensorProto.UINT8,
     TensorProto.INT4,

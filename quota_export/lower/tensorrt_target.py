@@ -29,6 +29,9 @@ from quota_export.reference import Deployed
 
 
 def lower(dep: Deployed, visual_start: int, opset: int) -> dict[str, onnx.ModelProto]:
+    """The four graphs for TensorRT. TensorRT has no FP64, so this switches `dep` to fp32
+    reductions first (`Deployed.set_reductions`): check these graphs against that same `dep`."""
+    dep.set_reductions(fp64=False)
     adapter = dep.adapter
     n = adapter.n_visual()
     graphs = {

@@ -14,6 +14,8 @@ The rules, each with the document it comes from (TensorRT 10.x):
   build-time constant; INT4 is signed and weight-only; INT4 needs per-block scales, block sizes
   {64, 128}, the block axis one of the last two dimensions; block quantization only for INT4 (and
   FP4); the scale has the rank of the input.
+- Data types: no op lists DOUBLE among its types in operators.md (the parser only casts FP64
+  weights down), so any non-Cast node with an FP64 output is rejected.
 - Project rules on top: a 4-bit initializer must have an even element count (ONNX packs two per
   byte; TensorRT's blocked weights are multiples of 64 anyway); custom ops only `quota::TokenGather`
   with its attributes, including `plugin_namespace="quota"` and `aot=1`, which TensorRT's ONNX
@@ -201,6 +203,9 @@ class _Checker:
                 self.flag(name, node, "unknown-domain", msg)
             return
         op = node.op_type
+        if op != "Cast" and any(self.dtype(o) == TensorProto.DOUBLE for o in node.output if o):
+            msg = f"{op} computes in FP64: TensorRT has no FP64 (operators.md lists no DOUBLE type; lower with fp32 reductions)"
+            self.flag(name, node, "fp64", msg)
         if op not in self.allowed:
             if op in TRT_UNSUPPORTED_OPS:
                 why = "listed as unsupported in TensorRT's operators.md"

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from quota_export.quant.quantizers import QWeight, dequantize, quantize, weight_scales
+from quota_export.quant.quantizers import QWeight, dequantize, grid_exponent, quantize, weight_scales
 from quota_export.recipe import WeightQuant
 
 
@@ -87,8 +87,12 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    scale_bits: int | None = None,
 ) -> QWeight:
-    """GPTQ-quantize w [out, in] given H [in, in] (e.g. HessianAccumulator.hessian)."""
+    """GPTQ-quantize w [out, in] given H [in, in] (e.g. HessianAccumulator.hessian).
+
+    With `scale_bits` (exact accumulation), each row's scale exponent is fixed up front from the
+    unquantized row's min/max scales and every group's scale is snapped to that grid."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
     out, n = w.shape
@@ -109,8 +113,12 @@ def gptq_quantize(
     scale = torch.zeros(out, n_groups, dtype=torch.float32)
     zp = None if symmetric else torch.zeros(out, n_groups, dtype=torch.float32)
 
+    exponent = None
+    if scale_bits is not None:
+        exponent = grid_exponent(weight_scales(W, bits, symmetric, group_size)[0], scale_bits)
+
     def set_group(g: int, block: torch.Tensor) -> None:
-        s, z = weight_scales(block, bits, symmetric, group_size)
+        s, z = weight_scales(block, bits, symmetric, group_size, scale_bits, exponent)
         scale[:, g] = s[:, 0]
         if zp is not None:
             zp[:, g] = z[:, 0]
@@ -161,8 +169,9 @@ def gptq_quantize(
     )
 
 
-def gptq(w: torch.Tensor, H: torch.Tensor, cfg: WeightQuant) -> QWeight:
-    """GPTQ as a recipe's weight section asks (bits, symmetric, granularity/group_size, cfg.gptq)."""
+def gptq(w: torch.Tensor, H: torch.Tensor, cfg: WeightQuant, act_bits: int = 16) -> QWeight:
+    """GPTQ as a recipe's weight section asks (bits, symmetric, granularity/group_size, cfg.gptq);
+    `act_bits` as in `rtn`."""
     if cfg.bits == 16:
         raise ValueError("bits 16 means the weight is not quantized")
     return gptq_quantize(
@@ -174,4 +183,5 @@ def gptq(w: torch.Tensor, H: torch.Tensor, cfg: WeightQuant) -> QWeight:
         damp=cfg.gptq.damp,
         block_size=cfg.gptq.block_size,
         act_order=cfg.gptq.act_order,
+        scale_bits=cfg.scale_bits_for(w.shape[1], act_bits),
     )

@@ -10,6 +10,13 @@ it (see lower/onnx_ops.py), so the reference and the graphs agree bit for bit.
     per-channel     [out, 1]                       weights ([out, in] torch layout)
     per-group g     [out, in/g]                    weights (blocked along in)
     kv group g      [..., n/g] asymmetric          KV cache (keys after RoPE)
+
+Exact accumulation. A quantized linear runs as (integer activations q_a) @ W' then * s_token,
+with W' = q_w * s_group. If every group scale of a weight row is an integer m < 2^B times one
+power of two 2^e (`snap_scales`), every product q_a * q_w * m * 2^e is an integer multiple of 2^e
+and, with B from `exact_scale_bits`, every partial sum stays below 2^24 * 2^e: fp32 then adds
+exactly in any order, so ONNX Runtime's 4-bit MatMul kernel, a TensorRT GEMM in fp32 and torch
+agree bit for bit however they block, vectorise or fuse the sum.
 """
 
 from __future__ import annotations
@@ -50,6 +57,12 @@ def act_scale_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(amax, min=EPS) / float(hi)
 
 
+def quant_act(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token activation quantization: (integers as float, scale [..., 1])."""
+    s = act_scale_per_token(x, bits)
+    return quantize(x, s, None, bits, True), s
+
+
 def fake_quant_act(x: torch.Tensor, bits: int, static_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize activations: dynamic per-token, or static per-tensor if a scale is given."""
     s = act_scale_per_token(x, bits) if static_scale is None else static_scale
@@ -77,8 +90,53 @@ class QWeight:
         return (q - self.zero_point.float().repeat_interleave(self.group_size, dim=1)) * s
 
 
-def weight_scales(w: torch.Tensor, bits: int, symmetric: bool, group_size: int):
-    """(scale, zero_point) per output row and input group for w [out, in]."""
+FP32_EXACT = 2**24  # integers up to this are exact in fp32
+
+
+def exact_scale_bits(in_features: int, w_bits: int, symmetric: bool, a_bits: int) -> int:
+    """B such that in_features * max|q_a| * max|q_w - zp| * (2^B - 1) < 2^24 (at most 16).
+
+    Raises ValueError when fewer than 2 bits remain (the layer is too wide for exact fp32 sums)."""
+    amax = 2 ** (a_bits - 1)
+    wmax = 2 ** (w_bits - 1) if symmetric else 2**w_bits - 1
+    room = FP32_EXACT // (in_features * amax * wmax)
+    b = min(16, room.bit_length() - 1) if room > 0 else 0
+    if b < 2:
+        raise ValueError(
+            f"in-features {in_features} too wide for exact accumulation of {a_bits}-bit activations times "
+            f"{w_bits}-bit weights (use weights.accumulation: float)"
+        )
+    return b
+
+
+def grid_exponent(scale: torch.Tensor, scale_bits: int) -> torch.Tensor:
+    """Per row of scale [out, n_groups]: the smallest e with max_g scale <= (2^B - 1) * 2^e."""
+    top = scale.amax(dim=1, keepdim=True).double() / float(2**scale_bits - 1)
+    return torch.ceil(torch.log2(top))
+
+
+def snap_scales(scale: torch.Tensor, scale_bits: int, exponent: torch.Tensor | None = None) -> torch.Tensor:
+    """Round group scales up to m * 2^e (m integer in [1, 2^B - 1], e per row, see the module doc).
+
+    Rounding up never makes a min/max range saturate; `exponent` fixes e (GPTQ fixes it from the
+    unquantized row, then a later group's m is clamped to 2^B - 1)."""
+    e = grid_exponent(scale, scale_bits) if exponent is None else exponent
+    unit = torch.exp2(e)
+    m = torch.clamp(torch.ceil(scale.double() / unit), 1, 2**scale_bits - 1)
+    return (m * unit).float()
+
+
+def weight_scales(
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    group_size: int,
+    scale_bits: int | None = None,
+    exponent: torch.Tensor | None = None,
+):
+    """(scale, zero_point) per output row and input group for w [out, in].
+
+    With `scale_bits`, the scales are snapped for exact accumulation (`snap_scales`)."""
     out, n = w.shape
     if n % group_size:
         raise ValueError(f"in-features {n} not divisible by group_size {group_size}")
@@ -86,21 +144,31 @@ def weight_scales(w: torch.Tensor, bits: int, symmetric: bool, group_size: int):
     if symmetric:
         _, hi = qrange(bits, True)
         scale = torch.clamp(g.abs().amax(-1), min=EPS) / float(hi)
+        if scale_bits is not None:
+            scale = snap_scales(scale, scale_bits, exponent)
         return scale, None
     lo, hi = qrange(bits, False)
     mn = torch.clamp(g.amin(-1), max=0.0)
     mx = torch.clamp(g.amax(-1), min=0.0)
     scale = torch.clamp(mx - mn, min=EPS) / float(hi)
+    if scale_bits is not None:
+        scale = snap_scales(scale, scale_bits, exponent)
     zp = torch.clamp(torch.round(-mn / scale), lo, hi)
     return scale, zp
 
 
 def quantize_weight(
-    w: torch.Tensor, bits: int, symmetric: bool, group_size: int, scale=None, zero_point=None
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    group_size: int,
+    scale=None,
+    zero_point=None,
+    scale_bits: int | None = None,
 ) -> QWeight:
-    """Round-to-nearest with the given (or min/max) scales; w [out, in]."""
+    """Round-to-nearest with the given (or min/max, optionally snapped) scales; w [out, in]."""
     if scale is None:
-        scale, zero_point = weight_scales(w, bits, symmetric, group_size)
+        scale, zero_point = weight_scales(w, bits, symmetric, group_size, scale_bits)
     s = scale.repeat_interleave(group_size, dim=1)
     zp = None if zero_point is None else zero_point.repeat_interleave(group_size, dim=1)
     q = quantize(w.float(), s, zp, bits, symmetric)
