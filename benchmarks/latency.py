@@ -1,6 +1,6 @@
 """What pruning + low-bit buy on ONNX Runtime CPU, measured side by side -> benchmarks/latency.md.
 
-    python benchmarks/latency.py                 # the full run (~10 min), rewrites benchmarks/latency.md
+    python benchmarks/latency.py                 # the full run (~5-20 min), rewrites benchmarks/latency.md
     python benchmarks/latency.py --small --out - # a quick smoke configuration, table on stdout
 
 One random-weight decoder of the LLaVA architecture (default: hidden 1024, 8 layers, intermediate
@@ -11,22 +11,29 @@ One random-weight decoder of the LLaVA architecture (default: hidden 1024, 8 lay
 and lowered by `quota_export.lower.decoder.DecoderLowering` (prefill + decode graphs only; the
 vision tower plays no part, and no parity is checked here) into these variants:
 
-    fp32            FP32 weights, activations and cache; all tokens
+    fp32            FP32 weights, activations and cache, fp32 reductions; all tokens (the plain
+                    FP32 model, as before the exact-parity numerics)
     ort-int4@4      the fp32 graphs through onnxruntime's MatMulNBitsQuantizer (4-bit weights,
                     block 32, symmetric, accuracy_level 4, lm_head excluded; fp32 activations and
                     cache): the peer
-    w4a4kv4@L       W4A4KV4 as `build` lowers it; all tokens
+    w4a4kv4@L       W4A4KV4 as `build` lowers it (exact quantized matmuls, `export.reductions:
+                    fp64`, the default); all tokens
     quota@L         w4a4kv4 + the pruning schedule (stages at layers 1, 2, 4; mean kept <= 30%)
+    w4a4kv4-r32@1   w4a4kv4 with `export.reductions: fp32` (Deployed.set_reductions(False) before
+    quota-r32@1     lowering): RMSNorm statistics, RoPE tables, attention, SiLU and the pruning
+                    signals in fp32 instead of float64; same weights, same KV cache format
 
 @L is the session's `session.qdq_matmulnbits_accuracy_level` for ONNX Runtime's DQ+MatMul ->
 MatMulNBits fusion: 1 = fp32 compute, exact, what `OrtRunner` uses; 4 = int8 activations inside the
-kernel (ONNX Runtime's default; not bit-exact to reference.py).
+kernel (ONNX Runtime's default; not bit-exact to reference.py). The goal lines (pruned vs ideal,
+decode vs fp32, KV bytes, graph sizes) come from the default (fp64) variants, what `build` ships;
+the -r32 variants only price the fp64 reductions (paired fp64 / fp32 ratios).
 
 All sessions run in one process with the same thread count; repeats of the variants are
 interleaved (order shuffled per repeat, seeded) and the tables give medians and ratios, the
-ratios as the median of per-repeat paired ratios. One profiled run of `w4a4kv4` and `quota`
-splits the prefill time by node category (ONNX Runtime's profiler), to show where the gap to the
-ideal ratio comes from.
+ratios as the median of per-repeat paired ratios. One profiled run of `w4a4kv4` and `quota` (and
+their -r32 counterparts) splits the prefill time by node category (ONNX Runtime's profiler), to
+show where the gap to the ideal ratio, and the cost of the fp64 reductions, come from.
 """
 
 from __future__ import annotations
@@ -58,9 +65,12 @@ VARIANTS = {
     "quota@1": ("quota", 1),
     "w4a4kv4@4": ("w4a4kv4", 4),
     "quota@4": ("quota", 4),
+    "w4a4kv4-r32@1": ("w4a4kv4-r32", 1),
+    "quota-r32@1": ("quota-r32", 1),
 }
 PAIRS = (("w4a4kv4@1", "quota@1"), ("w4a4kv4@4", "quota@4"))  # (unpruned, pruned) at the same precision
-PROFILED = tuple(v for pair in PAIRS for v in pair)
+R32_PAIRS = (("w4a4kv4@1", "w4a4kv4-r32@1"), ("quota@1", "quota-r32@1"))  # (fp64 reductions, fp32 reductions)
+PROFILED = tuple(dict.fromkeys(v for pair in PAIRS + R32_PAIRS for v in pair))
 PEER_LEVEL = 4
 TEXT_BEFORE, TEXT_AFTER = 24, 16  # LLaVA-1.5: system prompt + "USER:" before the image, question after
 
@@ -110,13 +120,15 @@ def make_recipe(name: str, scheme: str, n_visual: int, stages: list[tuple[int, i
 
 
 # ---------------------------------------------------------------- graphs
-def lower_variant(adapter, recipe, n_visual: int, visual_start: int):
-    """Recipe -> (prefill, decode) ModelProtos via DecoderLowering (target onnx, as `build` does)."""
+def lower_variant(adapter, recipe, n_visual: int, visual_start: int, fp64: bool = True):
+    """Recipe -> (prefill, decode) ModelProtos via DecoderLowering (target onnx, as `build` does).
+    fp64=False: the Deployed's reductions are switched to fp32 (`set_reductions(False)`) before lowering."""
     from quota_export.lower.decoder import DecoderLowering
     from quota_export.reference import DeployConfig, Deployed
 
     recipe.check_against(adapter.decoder_spec().num_layers, n_visual, adapter.module_names())
     dep = Deployed(adapter, DeployConfig.from_recipe(recipe))
+    dep.set_reductions(fp64)
     pre = DecoderLowering(dep, n_visual, visual_start).prefill(OPSET)
     dec = DecoderLowering(dep, n_visual, visual_start).decode(OPSET)
     return pre, dec
@@ -194,7 +206,7 @@ def op_counts(sess_path: Path, threads: int, tmp: Path) -> dict[str, int]:
 
 # ---------------------------------------------------------------- profile categories
 CATEGORIES = (
-    "linear layers (MatMul / MatMulNBits)",
+    "linear layers (MatMul / MatMulNBits, per-token scale)",
     "weight dequantization (fixed per run)",
     "activation quant",
     "attention (QK, mask, softmax, PV)",
@@ -202,7 +214,7 @@ CATEGORIES = (
     "stage: q/k/v pass over all current tokens",
     "stage: signals (text attention, magnitude, risk)",
     "stage: gather (TopK, Gather)",
-    "norms, RoPE, residual, lm_head, other",
+    "norms, RoPE, SiLU, residual, lm_head, other",
 )
 (LINEAR, WDQ, ACTQ, ATTN, KVQ, S_QKV, S_SIG, S_GATHER, OTHER) = CATEGORIES
 
@@ -235,7 +247,7 @@ def node_categories(model) -> dict[str, str]:
             c = ATTN
         elif re.search(r"_proj/", n) and op == "DequantizeLinear":
             c = WDQ
-        elif re.search(r"_proj/", n) and op == "MatMul":
+        elif re.search(r"_proj/", n) and (op == "MatMul" or n.endswith("/ActScale")):
             c = LINEAR
         else:
             c = OTHER
@@ -381,12 +393,16 @@ def main(argv=None) -> int:
 
     adapter = make_adapter(a.hidden, a.layers, a.heads, a.intermediate, a.vocab, a.image, a.patch, a.seed)
     spec = adapter.decoder_spec()
-    recipes = {  # graph folder -> recipe
-        "fp32": make_recipe("fp32", "fp", n_visual, [], 1.0),
-        "w4a4kv4": make_recipe("w4a4kv4", "w4a4kv4", n_visual, [], 1.0),
-        "quota": make_recipe("quota", "w4a4kv4", n_visual, stages, a.budget),
+    full = make_recipe("w4a4kv4", "w4a4kv4", n_visual, [], 1.0)
+    pruned = make_recipe("quota", "w4a4kv4", n_visual, stages, a.budget)
+    recipes = {  # graph folder -> (recipe, fp64 reductions)
+        "fp32": (make_recipe("fp32", "fp", n_visual, [], 1.0), False),  # the plain FP32 model
+        "w4a4kv4": (full, True),  # the default, what `build` ships
+        "quota": (pruned, True),
+        "w4a4kv4-r32": (full, False),
+        "quota-r32": (pruned, False),
     }
-    kept = recipes["quota"].kept_per_layer(spec.num_layers)
+    kept = pruned.kept_per_layer(spec.num_layers)
     variants = list(VARIANTS)
 
     with tempfile.TemporaryDirectory(prefix="quota_latency_") as td:
@@ -394,8 +410,8 @@ def main(argv=None) -> int:
         paths: dict[str, dict[str, Path]] = {}
         sizes: dict[str, dict[str, int]] = {}
         models = {}
-        for folder, recipe in tqdm(recipes.items(), desc="lower", unit="variant"):
-            pre, dec = lower_variant(adapter, recipe, n_visual, TEXT_BEFORE)
+        for folder, (recipe, fp64) in tqdm(recipes.items(), desc="lower", unit="variant"):
+            pre, dec = lower_variant(adapter, recipe, n_visual, TEXT_BEFORE, fp64)
             (tmp / folder).mkdir()
             paths[folder] = {"prefill": tmp / folder / "prefill.onnx", "decode": tmp / folder / "decode.onnx"}
             sizes[folder] = {"prefill": save(pre, paths[folder]["prefill"]), "decode": save(dec, paths[folder]["decode"])}
@@ -482,6 +498,8 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
         "quota@1": "W4A4KV4 + QUOTA schedule; level 1",
         "w4a4kv4@4": "W4A4KV4, all tokens; level 4 (int8 activations in the kernel)",
         "quota@4": "W4A4KV4 + QUOTA schedule; level 4",
+        "w4a4kv4-r32@1": "w4a4kv4@1 with `export.reductions: fp32` (not what `build` ships)",
+        "quota-r32@1": "quota@1 with `export.reductions: fp32` (not what `build` ships)",
     }
     lines = [
         "# Latency, KV cache and size: what pruning + low-bit buy (ONNX Runtime CPU)",
@@ -493,11 +511,18 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
         "these machines are noisy (other jobs may share the 2 cores), so read the ratios (medians of per-repeat "
         "paired ratios), not the absolute times.",
         "",
+        "Numerics (as `build` lowers them since the exact-parity change): quantized matmuls are integer-exact (weight "
+        "group scales snapped per row; the activations enter the MatMul as integers through QuantizeLinear -> Cast, "
+        "and the per-token scale multiplies the MatMul output), and with `export.reductions: fp64` (the default) "
+        "RMSNorm statistics, RoPE tables, attention (QK, softmax, PV), SiLU and the pruning signals run in float64 "
+        "(Cast to double ... Cast back to float). The `-r32` variants are the same graphs with those reductions in "
+        "fp32; the `fp32` baseline and the peer derived from it are the plain FP32 model (fp32 reductions).",
+        "",
         "`@1` / `@4`: the session's `session.qdq_matmulnbits_accuracy_level`, which ONNX Runtime gives the MatMulNBits "
         "nodes it fuses from DequantizeLinear(int4 weight) + MatMul: 1 computes in fp32 and is exact (what "
         "`OrtRunner` sets, and what the build's parity check runs); 4 (ONNX Runtime's default) re-quantizes the "
-        "activations to int8 per block inside the kernel, faster where int8 dot products are, not bit-exact to "
-        "reference.py. The peer's quantizer is given accuracy_level 4.",
+        "incoming activation integers to int8 per block with a float scale inside the kernel, faster where int8 dot "
+        "products are, not bit-exact to reference.py. The peer's quantizer is given accuracy_level 4.",
         "",
         f"Model: random-weight LLaVA-architecture decoder, hidden {spec.hidden}, {L} layers, intermediate "
         f"{spec.intermediate}, {spec.heads} heads (MHA, head_dim {spec.head_dim}), vocab {spec.vocab} (lm_head fp32, "
@@ -573,12 +598,22 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
         "",
         "Op types in the decode graphs as ONNX Runtime optimizes them (did the 4-bit weights fuse into MatMulNBits?):",
         "",
-        "| graphs | MatMulNBits | MatMul | DequantizeLinear |",
-        "|---|---:|---:|---:|",
+        "| graphs | MatMulNBits | MatMul | DequantizeLinear | Cast |",
+        "|---|---:|---:|---:|---:|",
     ]
     for f, c in ops.items():
-        lines.append(f"| {f} | {c.get('MatMulNBits', 0)} | {c.get('MatMul', 0)} | {c.get('DequantizeLinear', 0)} |")
+        lines.append(f"| {f} | {c.get('MatMulNBits', 0)} | {c.get('MatMul', 0)} | {c.get('DequantizeLinear', 0)} "
+                     f"| {c.get('Cast', 0)} |")
+    n64 = ops["w4a4kv4"].get("Cast", 0) - ops["w4a4kv4-r32"].get("Cast", 0)
+    lines += [
+        "",
+        "The activations enter each 4-bit MatMul as integers (QuantizeLinear -> Cast; the per-token scale multiplies "
+        "the MatMul output), so no activation DequantizeLinear is left; the weight DequantizeLinears fuse into "
+        f"MatMulNBits. With fp64 reductions the decode graph carries {n64} more Casts (to double and back) than with "
+        "fp32 reductions.",
+    ]
     q_t = sum(k + text for k in kept)
+    lines += ["", *reductions_section(pf, dc, split, ideal, cache, ms)]
     lines += [
         "",
         "## KV cache after prefill",
@@ -595,6 +630,8 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
         f"| same with fp16 scales (what-if) | {kvq['total'] - kvq['scale'] // 2:,} | {(kvq['total'] - kvq['scale'] // 2) / fp16_full:.4f} |",
         f"| same with fp16 scales and 4-bit zero points (what-if) | {kvq['total'] - kvq['scale'] // 2 - kvq['zero'] // 2:,} | {(kvq['total'] - kvq['scale'] // 2 - kvq['zero'] // 2) / fp16_full:.4f} |",
         "",
+        kv_same_note(cache),
+        "",
         f"The ratio is the product of the row ratio (cache rows held, {q_t} / {L * T} = {q_t / (L * T):.4f}: the "
         f"{text} text tokens stay in every layer) and the bytes per row and head ({per_tok} / {2 * spec.head_dim} = "
         f"{per_tok / (2 * spec.head_dim):.4f}: {spec.head_dim // 2} payload + 4 scale + 1 zero point vs "
@@ -610,7 +647,7 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
         "|---|---:|---:|---:|",
     ]
     f32 = sizes["fp32"]["prefill"] + sizes["fp32"]["decode"]
-    for f in ("fp32", "ort-int4", "w4a4kv4", "quota"):
+    for f in ("fp32", "ort-int4", "w4a4kv4", "quota", "w4a4kv4-r32", "quota-r32"):
         sz = sizes[f]
         lines.append(f"| {f} | {sz['prefill'] / 1e6:.1f} MB | {sz['decode'] / 1e6:.1f} MB | {(sz['prefill'] + sz['decode']) / f32:.3f} |")
     stored, packed = int4
@@ -625,6 +662,56 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
             "and the fp32 lm_head). ONNX Runtime's quantizer writes raw bytes.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def kv_same_note(cache) -> str:
+    same = all(cache[f][k] == cache[r][k] for f, r in R32_PAIRS for k in ("q", "scale", "zero", "total"))
+    pairs = ", ".join(f"{f} {cache[f]['total']:,} vs {r} {cache[r]['total']:,}" for f, r in R32_PAIRS)
+    if same:
+        return (f"The fp64 reductions leave the KV cache bytes unchanged ({pairs}): they live inside the graphs, and "
+                "the cache crosses the graph boundary as uint8 4-bit payload + fp32 scales + uint8 zero points either way.")
+    return f"**The KV cache bytes differ between fp64 and fp32 reductions** ({pairs})."
+
+
+def reductions_section(pf, dc, split, ideal, cache, ms) -> list[str]:
+    """What `export.reductions: fp64` (the default) costs against fp32 reductions, level 1 (exact)."""
+    (fu, ru), (fp, rp) = R32_PAIRS
+    out = [
+        "## What the fp64 reductions cost (`export.reductions: fp64` vs `fp32`, level 1)",
+        "",
+        "Same weights, same schedule, same KV cache format; only RMSNorm statistics, RoPE tables, attention (QK, "
+        "softmax, PV), SiLU and the pruning signals change precision. Ratios are medians of per-repeat paired ratios "
+        "from the same interleaved run as above.",
+        "",
+        "| | fp64 (default) ms | fp32 reductions ms | fp64 / fp32 |",
+        "|---|---:|---:|---:|",
+    ]
+    for what, t in (("prefill", pf), ("decode step", dc)):
+        for lab, f, r in (("unpruned", fu, ru), ("pruned", fp, rp)):
+            out.append(f"| {what}, {lab} (`{f}` / `{r}`) | {ms(t[f])} | {ms(t[r])} | **{paired(t[f], t[r]):.3f}** |")
+    out += [
+        "",
+        f"Pruned / unpruned with fp32 reductions: prefill {paired(pf[rp], pf[ru]):.3f} (ideal {ideal:.3f}, "
+        f"{paired(pf[rp], pf[ru]) / ideal:.3f}x; with fp64 {paired(pf[fp], pf[fu]):.3f}, {paired(pf[fp], pf[fu]) / ideal:.3f}x), "
+        f"decode step {paired(dc[rp], dc[ru]):.3f} (with fp64 {paired(dc[fp], dc[fu]):.3f}). "
+        f"KV cache: {cache[fp]['total']:,} bytes with fp64, {cache[rp]['total']:,} with fp32 reductions.",
+        "",
+        "Where the fp64 cost goes in prefill (profiler, kernel ms per run, as above; *fp64 cost* = fp64 - fp32):",
+        "",
+        "| category | " + " | ".join(f"{r} | {f} | fp64 cost" for f, r in R32_PAIRS) + " |",
+        "|---|" + "---:|---:|---:|" * len(R32_PAIRS),
+    ]
+    for c in CATEGORIES:
+        row = [c]
+        for f, r in R32_PAIRS:
+            row += [f"{split[r][c]:.1f}", f"{split[f][c]:.1f}", f"{split[f][c] - split[r][c]:+.1f}"]
+        out.append("| " + " | ".join(row) + " |")
+    row = ["**total**"]
+    for f, r in R32_PAIRS:
+        tf, tr = sum(split[f].values()), sum(split[r].values())
+        row += [f"{tr:.1f}", f"{tf:.1f}", f"{tf - tr:+.1f} ({tf / tr:.3f})"]
+    out.append("| " + " | ".join(row) + " |")
+    return out
 
 
 def analysis(split, tot, exc, ideal, ratio, stage_rows) -> list[str]:
