@@ -94,7 +94,9 @@ def load_deployed(recipe):
     cfg = DeployConfig.from_recipe(recipe)
     qweights = None
     if cfg.w_algorithm == "gptq":
-        raise UserError("quant.weights.algorithm: gptq weights are not stored with recipes yet; use rtn")
+        from quota_export.qweights import load_qweights
+
+        qweights = load_qweights(recipe, adapter, cfg)  # the calibrated file beside the recipe
     return adapter, Deployed(adapter, cfg, qweights)
 
 
@@ -304,6 +306,8 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
             with quiet_hf():
                 adapter.processor.save_pretrained(tmp / "processor")
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+            if recipe.weights_path() is not None:  # calibrated weights travel with the recipe copy
+                shutil.copyfile(recipe.weights_path(), tmp / recipe.weights_path().name)
         except OSError as e:  # e.g. disk full
             raise UserError(f"{out}: cannot write the build ({e.strerror or e})") from None
         manifest = {

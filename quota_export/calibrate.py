@@ -23,7 +23,11 @@ candidates, states and signals shared by a common stage prefix are computed once
 path equals `Deployed.prefill` with the same stages bit for bit (tests/test_calibrate.py).
 
 Budget: mean_l kept_l <= budget * N over all decoder layers (as `Pruning.kept_per_layer`).
-Weight quantization is RTN (`algorithm: rtn`), which needs no calibration data.
+Weights: RTN (`algorithm: rtn`, the default) needs no calibration data; the search always
+runs with RTN weights. With `weights="gptq"`, once the schedule is chosen, GPTQ is calibrated
+layer by layer on the streams the pruned, quantized model produces for the same samples
+(gptq_calibrate.py); the weights travel in `SearchResult.weights` and `calibrate --weights gptq`
+writes them beside the recipe (qweights.py).
 """
 
 from __future__ import annotations
@@ -287,6 +291,7 @@ class SearchResult:
     naive_divergence: float
     evals: int
     num_layers: int
+    weights: tuple | None = None  # (GPTQResult, file metadata) with weights="gptq"
 
 
 def naive_stages(n_visual: int, budget: float) -> tuple:
@@ -376,7 +381,8 @@ def default_name(model: str | Path, scheme: str, budget: float) -> str:
 
 
 def calibrate(model: str | Path, data: str | Path, budget: float, scheme: str = "w4a4kv4", samples: int = 64,
-              seed: int = 0, name: str | None = None, progress: bool = False, group_size: int | None = None):
+              seed: int = 0, name: str | None = None, progress: bool = False, group_size: int | None = None,
+              weights: str = "rtn"):
     """Run QUOTA; returns (Recipe, SearchResult).
 
     Same model, data, budget, scheme, samples and seed -> the same recipe bytes: the search has
@@ -387,12 +393,12 @@ def calibrate(model: str | Path, data: str | Path, budget: float, scheme: str = 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size)
+        return _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size, weights)
     finally:
         torch.set_num_threads(threads)
 
 
-def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size=None):
+def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size=None, weights="rtn"):
     from quota_export import models
     from quota_export.data import load_image
     from quota_export.recipe import (
@@ -413,6 +419,10 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
         raise UserError(f"--budget: {budget} must be in (0, 1]")
     if samples < 1:
         raise UserError(f"--samples: {samples} must be >= 1")
+    if weights not in ("rtn", "gptq"):
+        raise UserError(f"--weights: {weights!r} must be rtn or gptq")
+    if weights == "gptq" and SCHEMES[scheme].weights.bits == 16:
+        raise UserError(f"--weights gptq: scheme {scheme} leaves the weights unquantized")
     adapter = models.load(model)
     spec = adapter.decoder_spec()
     N = adapter.n_visual()
@@ -462,4 +472,27 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
         ),
     )
     recipe.check_against(spec.num_layers, N, adapter.module_names())
+    if weights == "gptq":
+        recipe = _with_gptq(recipe, res, adapter, dep, prompts, progress)
     return recipe, res
+
+
+def _with_gptq(recipe, res, adapter, dep, prompts, progress):
+    """GPTQ on the chosen schedule's streams: the recipe with `algorithm: gptq` (res.weights set)."""
+    from quota_export.gptq_calibrate import gptq_weights
+    from quota_export.qweights import weight_meta
+    from quota_export.recipe import Quant
+    from quota_export.reference import DeployConfig
+
+    wq = recipe.quant.resolved().weights.model_copy(update={"algorithm": "gptq"})
+    recipe = recipe.model_copy(update={"quant": Quant(scheme=recipe.quant.scheme, weights=wq)}, deep=True)
+    cfg = DeployConfig.from_recipe(recipe)
+    g = gptq_weights(adapter, cfg, wq, prompts, base=dep.qweights, progress=progress)
+    c = recipe.calibration
+    meta = weight_meta(wq, cfg.a_bits, adapter, sorted(g.qweights), calibrated_on={
+        "data": c.data, "samples": c.samples, "seed": c.seed,
+        "schedule": [[s.layer, s.keep] for s in recipe.pruning.stages]})
+    notes = (f"{c.notes}; weights: GPTQ layer by layer on the pruned, quantized streams of the calibration "
+             f"samples, output error GPTQ/RTN {_sig(g.error_ratio(), 4)} per layer")
+    res.weights = (g, meta)
+    return recipe.model_copy(update={"calibration": c.model_copy(update={"notes": notes})})

@@ -14,6 +14,9 @@ def _calibrate_args(p):
     p.add_argument("--budget", required=True, type=float, help="mean fraction of visual tokens kept over all decoder layers")
     p.add_argument("--scheme", default="w4a4kv4", help="quantization preset (default w4a4kv4)")
     p.add_argument("--group-size", type=int, help="INT4/INT8 weight group size (default: the scheme's; TensorRT needs 64 or 128)")
+    p.add_argument("--weights", choices=["rtn", "gptq"], default="rtn",
+                   help="weight quantization (default rtn); gptq is calibrated on the pruned model's token streams "
+                        "and written beside the recipe as <recipe stem>.weights.safetensors")
     p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
     p.add_argument("--name", help="recipe name (default <model>-quota-<scheme>-b<budget>)")
@@ -28,8 +31,15 @@ def cmd_calibrate(a) -> int:
 
     t0 = time.perf_counter()
     recipe, res = calibrate(a.model, a.data, a.budget, a.scheme, a.samples, a.seed, a.name, progress=_progress(),
-                             group_size=a.group_size)
-    save_recipe(recipe, a.out)
+                             group_size=a.group_size, weights=a.weights)
+    if res.weights is not None:
+        from quota_export.qweights import save_with_recipe
+
+        g, meta = res.weights
+        recipe, wpath = save_with_recipe(recipe, g.qweights, meta, a.out)
+        print(f"wrote {wpath} (GPTQ: layer output error {g.error_ratio():.4f} of RTN's on the calibration streams)")
+    else:
+        save_recipe(recipe, a.out)
     L = res.num_layers
     sched = ", ".join(f"L{s.layer}:{s.keep}" for s in recipe.pruning.stages) or "none"
     print(f"wrote {a.out} ({recipe.name})")

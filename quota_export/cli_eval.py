@@ -17,7 +17,9 @@ def _eval_args(p):
     p.add_argument("--bench", required=True, help="benchmark JSONL")
     p.add_argument("--recipe", type=Path, help="recipe YAML (implies --method quota)")
     p.add_argument("--method", choices=METHODS, help="fp | none | quota | a stage-wise baseline")
-    p.add_argument("--quant", help="scheme name for --method none and the baselines (e.g. w4a4kv4)")
+    p.add_argument("--quant", help="scheme name for --method none and the baselines (e.g. w4a4kv4; "
+                                   "w4a4kv4-gptq: GPTQ weights calibrated on full token streams of --calib)")
+    p.add_argument("--calib", help="calibration JSONL for a -gptq scheme (64 task-balanced samples, seed 0)")
     p.add_argument("--budget", type=float, help="mean kept fraction of visual tokens (baselines)")
     p.add_argument("--samples", type=int, help="task-balanced slice of the benchmark (default: all)")
     p.add_argument("--blank", action="store_true", help="replace every image by a blank one (no-image control)")
@@ -49,7 +51,7 @@ def cmd_eval(a) -> int:
         raise UserError("--model is required without --recipe")
     if a.samples is not None and a.samples < 1:
         raise UserError(f"--samples: {a.samples} must be >= 1")
-    h = Harness(model, a.bench, a.samples, progress=_progress())
+    h = Harness(model, a.bench, a.samples, progress=_progress(), calib=a.calib)
     m = h.evaluate(method, a.quant, a.budget, recipe, a.blank)
     what = recipe.name if recipe is not None else f"{method}" + (f" {a.quant}" if a.quant else "") + (
         f" budget {a.budget:g}" if a.budget is not None else "")

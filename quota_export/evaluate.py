@@ -15,6 +15,8 @@ counts as that option's letter).
 
 Methods: fp (no quantization, no pruning), none (quantized, no pruning), quota (a recipe),
 and the stage-wise baselines of prune/baselines.py (FP-scored, replayed in the quantized model).
+Schemes (--quant) take RTN weights; `<scheme>-gptq` (e.g. w4a4kv4-gptq) takes GPTQ weights
+calibrated on the full (unpruned) token streams of `calib` samples: the stage-wise quantizer.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ class Harness:
     """One model + one benchmark slice; runs methods on it. Deployed models are cached per scheme."""
 
     def __init__(self, model: str | Path, bench: str | Path, samples: int | None = None,
-                 progress: bool = False, max_new_tokens: int = MAX_NEW_TOKENS):
+                 progress: bool = False, max_new_tokens: int = MAX_NEW_TOKENS, calib: str | Path | None = None,
+                 calib_samples: int = 64, calib_seed: int = 0):
         from quota_export import models
         from quota_export.data import load_bench
 
@@ -129,6 +132,7 @@ class Harness:
         self._deps: dict[str, object] = {}
         self._prompts: dict[bool, list] = {}
         self.tokenizer = self.adapter.processor.tokenizer
+        self.calib = (calib, calib_samples, calib_seed)  # for `<scheme>-gptq`
 
     # -- pieces
     def prompts(self, blank: bool = False):
@@ -142,18 +146,41 @@ class Harness:
         return self._prompts[blank]
 
     def deployed(self, scheme: str):
-        """Deployed model of a scheme (RTN weights), no pruning stages."""
+        """Deployed model of a scheme (RTN weights; `<scheme>-gptq`: GPTQ on full token streams),
+        no pruning stages."""
         from quota_export.recipe import SCHEMES, Pruning, Quant, Recipe
         from quota_export.reference import DeployConfig, Deployed
 
-        if scheme not in SCHEMES:
-            raise UserError(f"--quant: unknown scheme {scheme!r} (known: {', '.join(SCHEMES)})")
+        base = scheme.removesuffix("-gptq")
+        if base not in SCHEMES:
+            raise UserError(f"--quant: unknown scheme {scheme!r} (known: {', '.join(SCHEMES)}, each also as <name>-gptq)")
         if scheme not in self._deps:
-            r = Recipe(name="eval", model=str(self.model_path), quant=Quant(scheme=scheme),
+            r = Recipe(name="eval", model=str(self.model_path), quant=Quant(scheme=base),
                        pruning=Pruning(budget=1.0, n_visual=self.adapter.n_visual(), stages=[]))
             r.check_against(self.adapter.decoder_spec().num_layers, self.adapter.n_visual(), self.adapter.module_names())
-            self._deps[scheme] = Deployed(self.adapter, DeployConfig.from_recipe(r))
+            cfg = DeployConfig.from_recipe(r)
+            self._deps[scheme] = Deployed(self.adapter, cfg, self._gptq_full(scheme, r, cfg) if base != scheme else None)
         return self._deps[scheme]
+
+    def _gptq_full(self, scheme: str, r, cfg):
+        """GPTQ weights calibrated on the full (unpruned) token streams of the calibration data."""
+        from quota_export.calibrate import select_samples
+        from quota_export.data import load_image
+        from quota_export.gptq_calibrate import gptq_weights
+
+        data, n, seed = self.calib
+        if data is None:
+            raise UserError(f"--quant {scheme}: GPTQ needs calibration data; give --calib JSONL")
+        if cfg.w_bits >= 16:
+            raise UserError(f"--quant {scheme}: the scheme leaves the weights unquantized")
+        wq = r.resolved_quant().weights.model_copy(update={"algorithm": "gptq"})
+        prompts = [self.adapter.prompt(load_image(s), s.question) for s in select_samples(data, n, seed)]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as calibrate: the same weights on any machine
+        try:
+            return gptq_weights(self.adapter, cfg, wq, prompts, progress=self.progress).qweights
+        finally:
+            torch.set_num_threads(threads)
 
     def _recipe_deployed(self, recipe):
         from quota_export.reference import DeployConfig, Deployed
@@ -161,9 +188,12 @@ class Harness:
         spec = self.adapter.decoder_spec()
         recipe.check_against(spec.num_layers, self.adapter.n_visual(), self.adapter.module_names())
         cfg = DeployConfig.from_recipe(recipe)
-        if cfg.w_algorithm != "rtn":
-            raise UserError("quant.weights.algorithm: gptq weights are not stored with recipes yet; use rtn")
-        return Deployed(self.adapter, cfg)
+        qweights = None
+        if cfg.w_algorithm == "gptq":
+            from quota_export.qweights import load_qweights
+
+            qweights = load_qweights(recipe, self.adapter, cfg)  # the calibrated file beside the recipe
+        return Deployed(self.adapter, cfg, qweights)
 
     def _generate(self, dep, prompts, keep_fn_for=None, desc="eval") -> RunResult:
         from tqdm import tqdm

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Literal
 
@@ -84,6 +85,9 @@ class WeightQuant(BaseModel):
     group_size: int = 32  # positive power of 2; ignored for granularity "channel"
     algorithm: Literal["rtn", "gptq"] = "rtn"
     gptq: GPTQArgs = GPTQArgs()
+    # algorithm gptq: the weights file `calibrate --weights gptq` wrote beside the recipe
+    # (a file name, relative to the recipe's folder; see qweights.py)
+    calibrated: str | None = None
     # exact: with quantized activations, group scales are snapped to m * 2^e per row so the
     # quantized matmul sums exactly in fp32 in any order (graphs == reference bit for bit, see
     # quant/quantizers.py); float: free fp32 scales (parity then has rounding-order noise).
@@ -102,6 +106,19 @@ class WeightQuant(BaseModel):
     @classmethod
     def _regexes(cls, v: list[str]) -> list[str]:
         return _check_regexes(v)
+
+    @field_validator("calibrated")
+    @classmethod
+    def _calibrated(cls, v: str | None) -> str | None:
+        if v is not None and (not v.endswith(".safetensors") or "/" in v or "\\" in v or v.startswith(".")):
+            raise _fail(f"{v!r} must be the name of a .safetensors file beside the recipe (no folders)")
+        return v
+
+    @model_validator(mode="after")
+    def _calibrated_needs_gptq(self) -> WeightQuant:
+        if self.calibrated is not None and self.algorithm != "gptq":
+            raise _fail(f"calibrated weights are read with algorithm gptq only, not {self.algorithm}", "calibrated")
+        return self
 
     def group_size_for(self, in_features: int) -> int:
         """The group size actually used for a weight with `in_features` columns."""
@@ -359,6 +376,15 @@ class Recipe(BaseModel):
 
     # -- derived views
 
+    def weights_path(self) -> Path | None:
+        """quant.weights.calibrated, resolved against the folder of the recipe's file (the current
+        directory for a recipe not read from a file); None without calibrated weights."""
+        name = self.resolved_quant().weights.calibrated
+        if name is None:
+            return None
+        src = _SOURCES.get(id(self))
+        return (src.parent if src is not None else Path(".")).resolve() / name
+
     def model_path(self) -> Path:
         """The checkpoint folder; relative paths are taken against the current working directory."""
         return Path(self.model).expanduser().resolve()
@@ -496,9 +522,15 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise UserError(f"{path}: {format_validation_error(e)}") from None
+    _SOURCES[id(recipe)] = Path(path)  # where it was read from: not part of its value (==, hash)
+    weakref.finalize(recipe, _SOURCES.pop, id(recipe), None)
+    return recipe
+
+
+_SOURCES: dict[int, Path] = {}  # id(recipe) -> the file load_recipe read it from
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
