@@ -60,6 +60,7 @@ def _say(msg: str) -> None:
 def cmd_build(a) -> int:
     from quota_export.build import ParityError, build, next_steps
     from quota_export.recipe import load_recipe
+    from quota_export.runtime.ort import read_manifest
     from quota_export.verify import summary_line
 
     if a.samples < 1:
@@ -72,12 +73,21 @@ def cmd_build(a) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     man = res.manifest
-    sizes = ", ".join(f"{n} {v['bytes'] / 1e6:.2f} MB" for n, v in man["graphs"].items())
-    print(f"built {res.out}/ in {res.seconds:.1f} s ({sizes})")
-    print(summary_line(man["parity"], man["parity"].get("data")))
+    if "sets" in man:  # one graph set per declared image size
+        print(f"built {res.out}/ in {res.seconds:.1f} s: {len(man['sets'])} graph sets (one per image size)")
+        for st in man["sets"]:
+            h, w = st["image_size"]
+            print(f"  {st['dir']}/ ({w}x{h}, {st['n_visual']} visual tokens): "
+                  + summary_line(st["parity"], st["parity"].get("data")))
+        sub = read_manifest(res.out / man["sets"][0]["dir"])
+    else:
+        sizes = ", ".join(f"{n} {v['bytes'] / 1e6:.2f} MB" for n, v in man["graphs"].items())
+        print(f"built {res.out}/ in {res.seconds:.1f} s ({sizes})")
+        print(summary_line(man["parity"], man["parity"].get("data")))
+        sub = man
     for line in next_steps(res):
         print(line)
-    eng = man.get("engines")
+    eng = sub.get("engines")
     if eng is not None and not eng["built"]:
         # the TensorRT-ready graphs are written and checked on ONNX Runtime; engines are not
         print(f"error: no TensorRT engine built: {eng['reason']} (TensorRT-ready ONNX is in {res.out}/)", file=sys.stderr)
@@ -96,30 +106,52 @@ def _verify_args(p):
 @command("verify", "parity of built graphs vs the PyTorch reference")
 @args(_verify_args)
 def cmd_verify(a) -> int:
-    from quota_export.build import load_deployed, load_items
+    from quota_export.build import deployed_at, load_items, load_model
     from quota_export.recipe import load_recipe
-    from quota_export.runtime.ort import OrtRunner
+    from quota_export.runtime.ort import OrtRunner, graph_sets
     from quota_export.verify import compare, summary_line
 
     if a.samples < 1:
         raise UserError(f"--samples: must be at least 1, got {a.samples}")
-    runner = OrtRunner(a.artifacts)
-    recipe = load_recipe(a.artifacts / "recipe.yaml")
-    if recipe.content_hash() != runner.manifest["recipe_hash"]:
-        raise UserError(f"{a.artifacts / 'recipe.yaml'}: does not match the manifest's recipe hash (edited after the build?)")
-    data = load_items(a.bench, a.samples, runner.image_size)
-    _say(f"comparing {a.artifacts} with the PyTorch reference of {recipe.model_path()} on {len(data.items)} samples")
-    _, dep = load_deployed(recipe)
-    rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, _progress())
-    d = rep.as_dict()
-    print(summary_line(d, data.source))
+    sets = graph_sets(a.artifacts)
+    several = len(sets) > 1
+    keys = ("kept_index_agreement", "kept_index_agreement_per_stage", "answer_agreement", "logits_sqnr_db_min", "samples")
+    reports, fails = {}, []
+    base = None
+    for (h, w), folder in sets:
+        runner = OrtRunner(folder)
+        recipe = load_recipe(folder / "recipe.yaml")
+        if recipe.content_hash() != runner.manifest["recipe_hash"]:
+            raise UserError(f"{folder / 'recipe.yaml'}: does not match the manifest's recipe hash (edited after the build?)")
+        # a set built for another size than the benchmark's images sees them resized
+        data = load_items(a.bench, a.samples, runner.image_size, resize=several)
+        where = str(folder)
+        _say(f"comparing {where} with the PyTorch reference of {recipe.model_path()} on {len(data.items)} samples")
+        if base is None:
+            base = load_model(recipe)
+        _, dep = deployed_at(recipe, base, (h, w) if recipe.export.image_sizes else None,
+                             fp64=runner.manifest.get("reductions", "fp64") == "fp64")
+        rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, _progress())
+        d = rep.as_dict()
+        print(("  " if several else "") + summary_line(d, data.source))
+        reports[f"{w}x{h}"] = {k: d[k] for k in keys}
+        fails += [f"{w}x{h}: {f}" if several else f for f in rep.failures()]
     if a.json:
-        keys = ("kept_index_agreement", "kept_index_agreement_per_stage", "answer_agreement", "logits_sqnr_db_min", "samples")
+        out = next(iter(reports.values()))
+        if several:  # the worst figures over the sets, and each set's own
+            vals = list(reports.values())
+            sq = [v["logits_sqnr_db_min"] for v in vals]
+            out = {
+                "kept_index_agreement": min(v["kept_index_agreement"] for v in vals),
+                "answer_agreement": min(v["answer_agreement"] for v in vals),
+                "logits_sqnr_db_min": None if None in sq else min((x for x in sq if x != "inf"), default="inf"),
+                "samples": sum(v["samples"] for v in vals),
+                "sets": reports,
+            }
         try:
-            a.json.write_text(json.dumps({k: d[k] for k in keys}, indent=1) + "\n")
+            a.json.write_text(json.dumps(out, indent=1) + "\n")
         except OSError as e:
             raise UserError(f"{a.json}: cannot write the report ({e.strerror})") from None
-    fails = rep.failures()
     if fails:
         print("error: parity check failed: " + "; ".join(fails), file=sys.stderr)
         return 1
@@ -138,14 +170,17 @@ def _run_args(p):
 @args(_run_args)
 def cmd_run(a) -> int:
     from quota_export.data import load_image
-    from quota_export.runtime.ort import OrtRunner
+    from quota_export.runtime.ort import OrtRunner, graph_sets, set_for_image
 
     if a.max_new_tokens is not None and a.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: must be at least 1, got {a.max_new_tokens}")
-    runner = OrtRunner(a.artifacts)
+    several = len(graph_sets(a.artifacts)) > 1
+    runner = None if several else OrtRunner(a.artifacts)
     if not a.image.is_file():
         raise UserError(f"{a.image}: image not found")
     img = load_image(a.image)
+    if several:  # one graph set per declared image size: the image's size picks it
+        runner = OrtRunner(set_for_image(a.artifacts, img.shape[:2]))
     h, w = runner.image_size
     if img.shape[:2] != (h, w):
         raise UserError(f"{a.image}: image is {img.shape[1]}x{img.shape[0]}, these graphs take {w}x{h} (resize it first)")

@@ -79,19 +79,59 @@ def _check_quant_fits(recipe, adapter, spec) -> None:
                     raise UserError(f"quant.weights.accumulation: {name}: {e}") from None
 
 
-def load_deployed(recipe):
-    """Recipe -> (adapter, Deployed) with the recipe checked against the model."""
+def load_model(recipe):
+    """The recipe's checkpoint as an adapter, with the recipe checked against it."""
     from quota_export import models
-    from quota_export.reference import DeployConfig, Deployed
 
     path = recipe.model_path()
     if not path.exists():
         raise UserError(f"model: checkpoint folder not found: {path}")
     adapter = models.load(path)
     spec = adapter.decoder_spec()
-    recipe.check_against(spec.num_layers, adapter.n_visual(), adapter.module_names())
+    declared = recipe.export.image_sizes is None  # else the sizes are checked one by one (image_sizes)
+    recipe.check_against(spec.num_layers, adapter.n_visual() if declared else None, adapter.module_names())
     _check_quant_fits(recipe, adapter, spec)
-    cfg = DeployConfig.from_recipe(recipe)
+    return adapter
+
+
+def image_sizes(recipe, adapter) -> list[tuple[int, int]]:
+    """The sizes to build for: export.image_sizes, or the model's one declared size."""
+    if recipe.export.image_sizes is None:
+        return [tuple(adapter.image_size())]
+    return [(int(h), int(w)) for h, w in recipe.export.image_sizes]
+
+
+def size_dir(hw) -> str:
+    """Folder of the graph set for image size hw = (H, W): named W x H, as image sizes are said."""
+    return f"{hw[1]}x{hw[0]}"
+
+
+def deployed_at(recipe, adapter, size=None, qweights=None, fp64: bool | None = None):
+    """(adapter at `size`, Deployed with the stage keeps for that size's visual-token count)."""
+    from quota_export.reference import DeployConfig, Deployed
+
+    if size is not None:
+        adapter = adapter.with_image_size(*size)
+    n = adapter.n_visual()
+    cfg = DeployConfig.from_recipe(recipe, n)
+    if fp64 is not None:
+        cfg.fp64 = fp64
+    if qweights is None and cfg.w_algorithm == "gptq":
+        from quota_export.qweights import load_qweights
+
+        qweights = load_qweights(recipe, adapter, cfg)  # the calibrated file beside the recipe
+    return adapter, Deployed(adapter, cfg, qweights)
+
+
+def load_deployed(recipe):
+    """Recipe -> (adapter, Deployed) with the recipe checked against the model, at the model's
+    declared image size (or the first of export.image_sizes)."""
+    from quota_export.reference import DeployConfig, Deployed
+
+    adapter = load_model(recipe)
+    if recipe.export.image_sizes is not None:
+        adapter = adapter.with_image_size(*image_sizes(recipe, adapter)[0])
+    cfg = DeployConfig.from_recipe(recipe, adapter.n_visual())
     qweights = None
     if cfg.w_algorithm == "gptq":
         from quota_export.qweights import load_qweights
@@ -107,29 +147,37 @@ class ParityData:
     example: tuple[str, str] | None = None  # (image path, question) of the first sample, for the `run` hint
 
 
-def load_items(path, n: int, image_size: tuple[int, int]) -> ParityData:
-    """n task-balanced samples of a benchmark JSONL, images checked against the model's input size."""
+def load_items(path, n: int, image_size: tuple[int, int], resize: bool = False) -> ParityData:
+    """n task-balanced samples of a benchmark JSONL, images checked against the model's input size
+    (or, with `resize`, resized to it: parity of a graph set built for another size)."""
     from quota_export.data import load_bench, load_image
 
     samples = load_bench(path, limit=n)
     items = []
     h, w = image_size
+    resized = False
     for s in samples:
         img = load_image(s)
         if img.shape[:2] != (h, w):
-            raise UserError(f"{s.image}: image is {img.shape[1]}x{img.shape[0]}, the model takes {w}x{h}")
+            if not resize:
+                raise UserError(f"{s.image}: image is {img.shape[1]}x{img.shape[0]}, the model takes {w}x{h}")
+            from PIL import Image
+
+            img = np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BICUBIC))
+            resized = True
         items.append((img, s.question))
-    return ParityData(items, Path(path).name, (samples[0].image, samples[0].question))
+    source = Path(path).name + (f" resized to {w}x{h}" if resized else "")
+    return ParityData(items, source, None if resized else (samples[0].image, samples[0].question))
 
 
-def parity_items(adapter, recipe, n: int, bench: str | None = None) -> ParityData:
+def parity_items(adapter, recipe, n: int, bench: str | None = None, resize: bool = False) -> ParityData:
     """(image, question) pairs: from a benchmark JSONL if given (or the recipe's calibration data),
     else seeded random images with a fixed question."""
     if n < 1:
         raise UserError(f"samples: need at least 1 parity sample, got {n}")
     src = bench or (recipe.calibration.data if recipe.calibration else None)
     if bench or (src and Path(src).is_file()):
-        return load_items(src, n, adapter.image_size())
+        return load_items(src, n, adapter.image_size(), resize)
     h, w = adapter.image_size()
     rng = np.random.default_rng(0)
     items = [(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "describe image") for _ in range(n)]
@@ -256,11 +304,13 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
           progress: bool = False, target: str = "onnx", log=None, threads: int = 0) -> BuildResult:
     """Build and verify; returns the output folder and the manifest written there.
 
+    One image size (the model's declared one, or a single export.image_sizes entry): the graph
+    set is the folder itself. Several sizes: one complete set per size in <out>/<H>x<W>/, and a
+    top-level manifest.json listing them (`sets`); the runner picks the set by the image's size.
+
     `log(str)` receives one line per step (the CLI prints them to stderr); `progress` shows a
     per-sample bar during the parity check; `threads` is passed to the ONNX Runtime sessions."""
     import onnx
-
-    from quota_export.verify import compare
 
     say = log or (lambda _msg: None)
     t0 = time.monotonic()
@@ -275,85 +325,30 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
     ok = False
     try:
         say(f"[1/{STEPS}] loading {recipe.model_path()}")
-        adapter, dep = load_deployed(recipe)
-        spec = dep.spec
-        stages = ", ".join(f"layer {s.layer} keeps {s.keep}" for s in dep.cfg.stages) or "no pruning"
-        say(f"      {adapter.architecture}: {spec.num_layers} decoder layers, {adapter.n_visual()} visual tokens "
-            f"per image; {_quant_summary(dep.cfg)}; {stages}")
-        data = parity_items(adapter, recipe, samples, bench)  # a bad --bench fails before the slow part
-        probe = adapter.prompt(np.zeros((*adapter.image_size(), 3), np.uint8), "describe image")
-
-        say(f"[2/{STEPS}] lowering to ONNX (opset {recipe.export.opset}, target {target})")
-        if target == "tensorrt":
-            from quota_export.lower import tensorrt_target
-
-            graphs = tensorrt_target.lower(dep, probe.visual_start, recipe.export.opset)
-            bad = tensorrt_target.violations(graphs)
-            if bad:
-                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-                raise UserError(f"target tensorrt: the graphs break TensorRT's operator rules: {bad[0]}{more}")
-            say("      TensorRT operator rules: all graphs pass (lower/trt_check.py)")
+        base = load_model(recipe)
+        sizes = image_sizes(recipe, base)
+        sets, qweights, example = [], None, None
+        for size in sizes:
+            adapter, dep = deployed_at(recipe, base, size if recipe.export.image_sizes else None, qweights)
+            qweights = dep.qweights  # quantized once, shared by every size
+            folder = tmp if len(sizes) == 1 else tmp / size_dir(size)
+            folder.mkdir(exist_ok=True)
+            man, ex = _build_set(recipe, adapter, dep, folder, out, target, bench, samples, progress, threads, say,
+                                 tag="" if len(sizes) == 1 else f"{size[1]}x{size[0]}: ")
+            sets.append((size, man))
+            example = example or ex
+        if len(sizes) == 1:
+            manifest = sets[0][1]
         else:
-            from quota_export.lower import onnx_target
-
-            graphs = onnx_target.lower(dep, probe.visual_start, recipe.export.opset)
-
-        say(f"[3/{STEPS}] writing graphs")
-        from quota_export.models import quiet_hf
-
-        try:
-            files = {name: _write_graph(m, tmp / name) for name, m in graphs.items()}
-            with quiet_hf():
-                adapter.processor.save_pretrained(tmp / "processor")
+            manifest = {
+                "recipe": recipe.name,
+                "recipe_hash": recipe.content_hash(),
+                "target": target,
+                "sets": [{"image_size": list(sz), "dir": size_dir(sz), "n_visual": m["model"]["n_visual"],
+                          "schedule": m["schedule"], "parity": m["parity"]} for sz, m in sets],
+                "versions": versions(),
+            }
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-            if recipe.weights_path() is not None:  # calibrated weights travel with the recipe copy
-                shutil.copyfile(recipe.weights_path(), tmp / recipe.weights_path().name)
-        except OSError as e:  # e.g. disk full
-            raise UserError(f"{out}: cannot write the build ({e.strerror or e})") from None
-        manifest = {
-            "recipe": recipe.name,
-            "recipe_hash": recipe.content_hash(),
-            "target": target,
-            "model": {
-                "path": str(recipe.model),
-                "architecture": adapter.architecture,
-                "visual_start": probe.visual_start,
-                "n_visual": probe.n_visual,
-                "image_size": list(adapter.image_size()),
-                "eos_token_id": spec.eos_token_id,
-                "image_token_id": adapter.image_token_id(),
-                "num_layers": spec.num_layers,
-                **({"mrope": mrope_layout(probe)} if probe.position_ids is not None else {}),
-            },
-            "schedule": [{"layer": s.layer, "keep": s.keep} for s in dep.cfg.stages],
-            "kept_per_layer": recipe.kept_per_layer(spec.num_layers),
-            "kv_cache": {"bits": dep.cfg.kv_bits, "group_size": dep.cfg.kv_group or spec.head_dim},
-            "export": {
-                "opset": recipe.export.opset,
-                "max_new_tokens": recipe.export.max_new_tokens,
-                "max_seq": recipe.export.max_seq,
-            },
-            "graphs": {n: {**files[n], **io_spec(m)} for n, m in graphs.items()},
-            "versions": versions(),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-
-        say(f"[4/{STEPS}] parity vs the PyTorch reference on {len(data.items)} samples of {data.source}")
-        from quota_export.runtime.ort import OrtRunner
-
-        runner = OrtRunner(tmp, threads=threads)
-        rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, progress=progress)
-        manifest["parity"] = {"data": data.source, **rep.as_dict()}
-        fails = rep.failures()
-        if fails:
-            raise ParityError(
-                f"parity check failed: {'; '.join(fails)}; nothing written to {out} "
-                "(the graphs disagree with the PyTorch reference: please report this with the recipe)"
-            )
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-
-        if target == "tensorrt":
-            manifest["engines"] = _engines(tmp, say)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
         say(f"[5/{STEPS}] publishing {out}")
@@ -362,12 +357,103 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
         except OSError as e:
             raise UserError(f"{out}: cannot move the build into place ({e.strerror or e})") from None
         ok = True
-        return BuildResult(out, manifest, time.monotonic() - t0, data.example)
+        return BuildResult(out, manifest, time.monotonic() - t0, example)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if not ok:
             _remove_empty(created)
+
+
+def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench, samples: int, progress: bool,
+               threads: int, say, tag: str = ""):
+    """Lower, write and check one graph set (one image size) into `folder`; -> (manifest, example)."""
+    from quota_export.prune.schedule import kept_per_layer
+    from quota_export.verify import compare
+
+    spec = dep.spec
+    stages = ", ".join(f"layer {s.layer} keeps {s.keep}" for s in dep.cfg.stages) or "no pruning"
+    say(f"      {tag}{adapter.architecture}: {spec.num_layers} decoder layers, {adapter.n_visual()} visual tokens "
+        f"per image; {_quant_summary(dep.cfg)}; {stages}")
+    resize = recipe.export.image_sizes is not None
+    data = parity_items(adapter, recipe, samples, bench, resize)  # a bad --bench fails before the slow part
+    probe = adapter.prompt(np.zeros((*adapter.image_size(), 3), np.uint8), "describe image")
+
+    say(f"[2/{STEPS}] {tag}lowering to ONNX (opset {recipe.export.opset}, target {target})")
+    if target == "tensorrt":
+        from quota_export.lower import tensorrt_target
+
+        graphs = tensorrt_target.lower(dep, probe.visual_start, recipe.export.opset)
+        bad = tensorrt_target.violations(graphs)
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise UserError(f"target tensorrt: the graphs break TensorRT's operator rules: {bad[0]}{more}")
+        say("      TensorRT operator rules: all graphs pass (lower/trt_check.py); fp32 reductions (TensorRT has no FP64)")
+    else:
+        from quota_export.lower import onnx_target
+
+        graphs = onnx_target.lower(dep, probe.visual_start, recipe.export.opset)
+
+    say(f"[3/{STEPS}] {tag}writing graphs")
+    from quota_export.models import quiet_hf
+
+    try:
+        files = {name: _write_graph(m, folder / name) for name, m in graphs.items()}
+        with quiet_hf():
+            adapter.processor.save_pretrained(folder / "processor")
+        (folder / "recipe.yaml").write_text(recipe.to_yaml())
+        if recipe.weights_path() is not None:  # calibrated weights travel with the recipe copy
+            shutil.copyfile(recipe.weights_path(), folder / recipe.weights_path().name)
+    except OSError as e:  # e.g. disk full
+        raise UserError(f"{out}: cannot write the build ({e.strerror or e})") from None
+    manifest = {
+        "recipe": recipe.name,
+        "recipe_hash": recipe.content_hash(),
+        "target": target,
+        "reductions": "fp64" if dep.cfg.fp64 else "fp32",
+        "model": {
+            "path": str(recipe.model),
+            "architecture": adapter.architecture,
+            "visual_start": probe.visual_start,
+            "n_visual": probe.n_visual,
+            "image_size": list(adapter.image_size()),
+            "eos_token_id": spec.eos_token_id,
+            "image_token_id": adapter.image_token_id(),
+            "num_layers": spec.num_layers,
+            **({"mrope": mrope_layout(probe)} if probe.position_ids is not None else {}),
+        },
+        "schedule": [{"layer": s.layer, "keep": s.keep} for s in dep.cfg.stages],
+        "kept_per_layer": kept_per_layer([s.layer for s in dep.cfg.stages], [s.keep for s in dep.cfg.stages],
+                                         probe.n_visual, spec.num_layers),
+        "kv_cache": {"bits": dep.cfg.kv_bits, "group_size": dep.cfg.kv_group or spec.head_dim},
+        "export": {
+            "opset": recipe.export.opset,
+            "max_new_tokens": recipe.export.max_new_tokens,
+            "max_seq": recipe.export.max_seq,
+        },
+        "graphs": {n: {**files[n], **io_spec(m)} for n, m in graphs.items()},
+        "versions": versions(),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+    say(f"[4/{STEPS}] {tag}parity vs the PyTorch reference on {len(data.items)} samples of {data.source}")
+    from quota_export.runtime.ort import OrtRunner
+
+    runner = OrtRunner(folder, threads=threads)
+    rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, progress=progress)
+    manifest["parity"] = {"data": data.source, **rep.as_dict()}
+    fails = rep.failures()
+    if fails:
+        raise ParityError(
+            f"parity check failed: {tag}{'; '.join(fails)}; nothing written to {out} "
+            "(the graphs disagree with the PyTorch reference: please report this with the recipe)"
+        )
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+    if target == "tensorrt":
+        manifest["engines"] = _engines(folder, say)
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest, data.example
 
 
 def _engines(folder: Path, say) -> dict:
@@ -389,7 +475,8 @@ def _engines(folder: Path, say) -> dict:
 
 def next_steps(res: BuildResult) -> list[str]:
     """Copy-paste commands for a first run of the built graphs."""
-    h, w = res.manifest["model"]["image_size"]
+    man = res.manifest
+    h, w = man["model"]["image_size"] if "sets" not in man else man["sets"][0]["image_size"]
     if res.example:
         img, q = res.example
         rel = os.path.relpath(img)

@@ -450,7 +450,7 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
     ev = Evaluator(dep, prompts, progress)
     res = search(ev, float(budget), progress)
     stages = [
-        Stage(layer=l, keep=k, weights=ScoreWeights(magnitude=w[0], attention=w[1], risk=w[2]),
+        Stage(layer=l, keep=k, fraction=_sig(k / N), weights=ScoreWeights(magnitude=w[0], attention=w[1], risk=w[2]),
               sigma=ScoreSigma(magnitude=s[0], attention=s[1], risk=s[2]))
         for (l, k, w), s in zip(res.stages, res.sigmas)
     ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -252,11 +253,15 @@ class ScoreSigma(BaseModel):
 
 
 class Stage(BaseModel):
-    """From decoder layer `layer` on (until the next stage), `keep` visual tokens remain."""
+    """From decoder layer `layer` on (until the next stage), `keep` visual tokens remain.
+
+    `keep` counts tokens at the recipe's `n_visual`; `fraction` (= keep / n_visual, written by
+    calibrate) sets the count for other image sizes (`Pruning.keeps_for`)."""
 
     model_config = _CONFIG
     layer: int = Field(ge=0)
     keep: int = Field(ge=1)
+    fraction: float | None = Field(None, gt=0, le=1)
     weights: ScoreWeights = ScoreWeights()
     sigma: ScoreSigma = ScoreSigma()
 
@@ -274,6 +279,12 @@ class Pruning(BaseModel):
         for i, s in enumerate(self.stages):
             if s.keep > self.n_visual:
                 raise _fail(f"keep {s.keep} > n_visual {self.n_visual}", "stages", i, "keep")
+            if s.fraction is not None and abs(s.fraction * self.n_visual - s.keep) > 0.5:
+                raise _fail(
+                    f"fraction {s.fraction} of n_visual {self.n_visual} is {s.fraction * self.n_visual:.6g} "
+                    f"tokens, not keep {s.keep}",
+                    "stages", i, "fraction",
+                )
             if i == 0:
                 continue
             prev = self.stages[i - 1]
@@ -287,6 +298,11 @@ class Pruning(BaseModel):
                     f"keep {s.keep} > previous stage keep {prev.keep} (must be non-increasing)",
                     "stages", i, "keep",
                 )
+            if self.fraction_of(i) > self.fraction_of(i - 1):
+                raise _fail(
+                    f"fraction {self.fraction_of(i)} > previous stage's {self.fraction_of(i - 1)} (must be non-increasing)",
+                    "stages", i, "fraction",
+                )
         # The budget needs the layer count (check_against); what holds for any layer count:
         if not self.stages and self.budget < 1.0:
             raise _fail(f"no stages means no pruning (mean kept fraction 1), above budget {self.budget}", "budget")
@@ -298,14 +314,23 @@ class Pruning(BaseModel):
             )
         return self
 
+    def fraction_of(self, i: int) -> float:
+        s = self.stages[i]
+        return s.fraction if s.fraction is not None else s.keep / self.n_visual
+
+    def keeps_for(self, n: int) -> list[int]:
+        """Each stage's kept count for an image with n visual tokens: `keep` itself at n_visual,
+        else round(fraction * n) (half up), at least 1, never more than the previous stage."""
+        out: list[int] = []
+        for i, s in enumerate(self.stages):
+            k = s.keep if n == self.n_visual else min(n, max(1, math.floor(self.fraction_of(i) * n + 0.5)))
+            out.append(min(k, out[-1]) if out else k)
+        return out
+
     def kept_per_layer(self, num_layers: int) -> list[int]:
-        kept, n, it = [], self.n_visual, iter(self.stages)
-        nxt = next(it, None)
-        for layer in range(num_layers):
-            while nxt is not None and nxt.layer <= layer:
-                n, nxt = nxt.keep, next(it, None)
-            kept.append(n)
-        return kept
+        from quota_export.prune.schedule import kept_per_layer
+
+        return kept_per_layer([s.layer for s in self.stages], [s.keep for s in self.stages], self.n_visual, num_layers)
 
 
 # ---------------------------------------------------------------- calibration, export
@@ -331,10 +356,28 @@ class Export(BaseModel):
     gather: Literal["onnx", "plugin"] = "onnx"
     max_seq: int = Field(256, gt=0)
     max_new_tokens: int = Field(8, gt=0)
+    # Image sizes [H, W] to build graphs for (one set each, k per stage from the fractions);
+    # null = the one size the model's processor declares. Dynamic-resolution families only
+    # (Qwen2-VL / 2.5-VL; LLaVA-NeXT for sizes in its image_grid_pinpoints).
+    image_sizes: list[list[int]] | None = None
     # Precision of the order-sensitive float work between quantizers (RMSNorm statistics, RoPE
     # tables, attention, SiLU, pruning signals): fp64 makes graphs and reference agree token for
     # token (reference.Deployed); fp32 is faster. The tensorrt target always uses fp32.
     reductions: Literal["fp64", "fp32"] = "fp64"
+
+    @field_validator("image_sizes")
+    @classmethod
+    def _sizes(cls, v):
+        if v is None:
+            return v
+        if not v:
+            raise _fail("give at least one [H, W] (or null for the model's declared size)")
+        for i, hw in enumerate(v):
+            if len(hw) != 2 or min(hw) <= 0:
+                raise _fail(f"image size {hw} must be [H, W], both positive", i)
+        if len({tuple(x) for x in v}) != len(v):
+            raise _fail(f"duplicate image sizes {[list(x) for x in v]}")
+        return v
 
     @field_validator("targets")
     @classmethod
@@ -405,15 +448,18 @@ class Recipe(BaseModel):
 
     # -- checks against the model
 
-    def check_against(self, num_layers: int, n_visual: int, module_names: list[str]) -> None:
-        """Checks that need the model; raises UserError (one line) on the first problem."""
+    def check_against(self, num_layers: int, n_visual: int | None, module_names: list[str]) -> None:
+        """Checks that need the model; raises UserError (one line) on the first problem.
+
+        `n_visual` None: the model has no single declared size (export.image_sizes set); the
+        schedule is then taken as fractions and the count is checked per size at build time."""
         p = self.pruning
         for i, s in enumerate(p.stages):
             if s.layer >= num_layers:
                 raise UserError(
                     f"pruning.stages.{i}.layer: layer {s.layer} >= number of decoder layers {num_layers}"
                 )
-        if p.n_visual != n_visual:
+        if n_visual is not None and p.n_visual != n_visual:
             raise UserError(
                 f"pruning.n_visual: recipe was made for {p.n_visual} visual tokens per image, "
                 f"the model produces {n_visual}"

@@ -66,8 +66,11 @@ class DeployConfig:
     fp64: bool = True  # export.reductions == "fp64" (see `Deployed`)
 
     @classmethod
-    def from_recipe(cls, recipe) -> "DeployConfig":
+    def from_recipe(cls, recipe, n_visual: int | None = None) -> "DeployConfig":
+        """The recipe's numerics; the stage keeps for images of `n_visual` tokens (default: the
+        recipe's own n_visual; other counts scale by the stage fractions, Pruning.keeps_for)."""
         rq = recipe.resolved_quant()
+        keeps = recipe.pruning.keeps_for(recipe.pruning.n_visual if n_visual is None else n_visual)
         w, a, kv = rq.weights, rq.activations, rq.kv_cache
         if a.bits < 16 and a.granularity != "token":
             from quota_export import UserError
@@ -92,11 +95,11 @@ class DeployConfig:
             stages=[
                 StageCfg(
                     s.layer,
-                    s.keep,
+                    k,
                     (s.weights.magnitude, s.weights.attention, s.weights.risk),
                     (s.sigma.magnitude, s.sigma.attention, s.sigma.risk),
                 )
-                for s in recipe.pruning.stages
+                for s, k in zip(recipe.pruning.stages, keeps)
             ],
         )
 

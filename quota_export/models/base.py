@@ -122,6 +122,28 @@ class Adapter:
     def image_size(self) -> tuple[int, int]:
         raise NotImplementedError
 
+    def with_image_size(self, h: int, w: int) -> "Adapter":
+        """This model with H x W declared as its image size (same weights, a processor fixed to
+        that size): `export.image_sizes` builds one graph set per size. Families with one fixed
+        input size accept only that size; dynamic-resolution families override this."""
+        from quota_export import UserError
+
+        own = tuple(self.image_size())
+        if (h, w) != own:
+            raise UserError(
+                f"export.image_sizes: {self.architecture} takes one image size, {own[1]}x{own[0]} "
+                f"(got {w}x{h} as [H, W] = [{h}, {w}])"
+            )
+        return self
+
+    def _resized(self, processor) -> "Adapter":
+        """A shallow copy sharing the model, with another processor."""
+        import copy
+
+        new = copy.copy(self)
+        new.processor = processor
+        return new
+
     def pixel_shape(self) -> tuple[int, ...]:
         """Shape of `Prompt.pixel_values` (the vision graph's input) for the declared image size."""
         h, w = self.image_size()

@@ -89,6 +89,20 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         return (pins[0][0], pins[0][1])
 
+    def with_image_size(self, h: int, w: int) -> "LlavaNextAdapter":
+        import copy
+
+        c = self.crop()
+        model_pins = [list(map(int, p)) for p in (self.model.config.image_grid_pinpoints or [])]
+        if h % c or w % c or [h, w] not in model_pins:
+            raise UserError(
+                f"export.image_sizes: [{h}, {w}] must be multiples of the crop size {c} and listed in "
+                f"config.json's image_grid_pinpoints {model_pins}"
+            )
+        proc = copy.deepcopy(self.processor)
+        proc.image_processor.image_grid_pinpoints = [[h, w]]
+        return self._resized(proc)
+
     def image_sizes(self) -> list[list[int]]:
         """The constant `image_sizes` (H, W) HF's get_image_features takes, for the declared size."""
         return [list(self.image_size())]

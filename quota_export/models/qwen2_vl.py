@@ -162,7 +162,28 @@ class Qwen2VLAdapter(Adapter):
         vc = self.model.config.vision_config
         return vc.patch_size * vc.spatial_merge_size
 
+    def with_image_size(self, h: int, w: int) -> "Qwen2VLAdapter":
+        import copy
+
+        f = self.factor()
+        if h % f or w % f:
+            raise UserError(
+                f"export.image_sizes: [{h}, {w}]: H and W must be multiples of patch_size * merge_size = {f}"
+            )
+        proc = copy.deepcopy(self.processor)
+        ip = proc.image_processor
+        # min_pixels = max_pixels = H*W: the processor's smart_resize leaves an H x W image as it is
+        ip.size = {"shortest_edge": h * w, "longest_edge": h * w}
+        for attr in ("min_pixels", "max_pixels"):
+            if hasattr(ip, attr):
+                setattr(ip, attr, h * w)
+        new = self._resized(proc)
+        new._declared = (h, w)
+        return new
+
     def image_size(self) -> tuple[int, int]:
+        if getattr(self, "_declared", None):
+            return self._declared
         ip = self._ip()
         size = ip.size if isinstance(ip.size, dict) else dict(ip.size.__dict__)
         lo, hi = size.get("shortest_edge"), size.get("longest_edge")

@@ -14,13 +14,18 @@ def budget_cap(budget: float, n_visual: int, num_layers: int) -> int:
     return int(math.floor(budget * n_visual * num_layers + 1e-9))
 
 
-def total_kept(layers, keeps, n_visual: int, num_layers: int) -> int:
-    tot, n, j = 0, n_visual, 0
+def kept_per_layer(layers, keeps, n_visual: int, num_layers: int) -> list[int]:
+    """Visual tokens held by each decoder layer."""
+    out, n, j = [], n_visual, 0
     for l in range(num_layers):
         while j < len(layers) and layers[j] <= l:
             n, j = keeps[j], j + 1
-        tot += n
-    return tot
+        out.append(n)
+    return out
+
+
+def total_kept(layers, keeps, n_visual: int, num_layers: int) -> int:
+    return sum(kept_per_layer(layers, keeps, n_visual, num_layers))
 
 
 def geometric_keeps(layers, ratio: float, n_visual: int, num_layers: int, budget: float) -> list[int] | None:

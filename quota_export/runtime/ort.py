@@ -85,7 +85,7 @@ def _env_threads() -> int:
     return int(v) if v.isdigit() else 0
 
 
-def read_manifest(artifacts: Path) -> dict:
+def read_manifest(artifacts: Path, sets_ok: bool = False) -> dict:
     """manifest.json of a build folder, with the fields the runner needs checked."""
     man = artifacts / "manifest.json"
     if not artifacts.exists():
@@ -102,6 +102,11 @@ def read_manifest(artifacts: Path) -> dict:
         raise UserError(f"{man}: corrupt manifest (not UTF-8 text)") from None
     if not isinstance(m, dict):
         raise UserError(f"{man}: corrupt manifest (expected a JSON object)")
+    if "sets" in m and not sets_ok:
+        raise UserError(f"{artifacts}: holds one graph set per image size ({', '.join(_set_names(m))}); "
+                        f"pass one of them, e.g. {artifacts / _set_dirs(m)[0]}")
+    if "sets" in m:
+        return m
     for f in MANIFEST_FIELDS:
         cur = m
         for part in f.split("."):
@@ -113,6 +118,41 @@ def read_manifest(artifacts: Path) -> dict:
         if not isinstance(info, dict) or not {"bytes", "sha256"} <= set(info):
             raise UserError(f"{man}: corrupt manifest (no size / checksum for {g})")
     return m
+
+
+def _set_dirs(m: dict) -> list[str]:
+    sets = m.get("sets")
+    if not isinstance(sets, list) or not all(isinstance(x, dict) and "dir" in x and "image_size" in x for x in sets):
+        raise UserError("corrupt manifest (field 'sets' is not a list of {dir, image_size})")
+    return [x["dir"] for x in sets]
+
+
+def _set_names(m: dict) -> list[str]:
+    _set_dirs(m)
+    return [f"{x['image_size'][1]}x{x['image_size'][0]}" for x in m["sets"]]
+
+
+def graph_sets(artifacts: str | Path) -> list[tuple[tuple[int, int], Path]]:
+    """[(image size (H, W), folder)] of a build: one entry (the folder itself) for a one-size
+    build, one per declared size for an `export.image_sizes` build."""
+    artifacts = Path(artifacts)
+    m = read_manifest(artifacts, sets_ok=True)
+    if "sets" not in m:
+        return [(tuple(m["model"]["image_size"]), artifacts)]
+    dirs = _set_dirs(m)
+    return [(tuple(x["image_size"]), artifacts / d) for x, d in zip(m["sets"], dirs)]
+
+
+def set_for_image(artifacts: str | Path, hw: tuple[int, int]) -> Path:
+    """The graph-set folder built for an image of size hw = (H, W); a clear error if none was."""
+    sets = graph_sets(artifacts)
+    if len(sets) == 1:
+        return sets[0][1]  # the runner itself says if the size is wrong
+    for size, folder in sets:
+        if tuple(size) == tuple(hw):
+            return folder
+    built = ", ".join(f"{w}x{h}" for (h, w), _ in sets)
+    raise UserError(f"image is {hw[1]}x{hw[0]}: {artifacts} has graphs for {built} only (export.image_sizes)")
 
 
 @dataclass
