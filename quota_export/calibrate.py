@@ -236,10 +236,9 @@ class Evaluator:
         layer, keep, w = stage
         start = smp.start
         idx = stable_topk(combine(StageCfg(layer, keep, w, sigma), *signals), keep)
-        h = torch.cat([h[:, :start], h[:, start + idx[0]], h[:, start + n :]], dim=1)
-        pos = torch.cat([pos[..., :start], pos[..., start + idx[0]], pos[..., start + n :]], dim=-1)
+        h, pos, pre = self.dep.prune_stage(layer, h, pos, idx, start, n)
         for l in range(layer, to_layer):
-            h, _ = self.dep.layer(l, h, pos)
+            h, _ = self.dep.layer(l, h, pos, pre if l == layer else None)
         return h, pos, keep
 
     def stage_sigmas(self, cand: tuple) -> list[tuple[float, float, float]]:

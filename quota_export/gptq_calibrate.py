@@ -91,15 +91,7 @@ def step(dep: Deployed, layer: int, st: State) -> State:
         if on is not None:
             dep.on = on
         idx = stable_topk(s, stage.keep)
-        _, _, q, kd, vd, _, _, kq, vq = dep.qkv(layer, h, pos)
-        T = h.shape[1]
-        rows = torch.cat([torch.arange(start), start + idx[0], torch.arange(start + n, T)])
-        pick = lambda t: None if t is None else t.index_select(2, rows)  # noqa: E731
-        pre = (pick(q), pick(kd), pick(vd),
-               None if kq is None else tuple(pick(t) for t in kq),
-               None if vq is None else tuple(pick(t) for t in vq))  # fmt: skip
-        h = torch.cat([h[:, :start], h[:, start + idx[0]], h[:, start + n :]], dim=1)
-        pos = torch.cat([pos[..., :start], pos[..., start + idx[0]], pos[..., start + n :]], dim=-1)
+        h, pos, pre = dep.prune_stage(layer, h, pos, idx, start, n)  # q/k/v see the full stream
         n = stage.keep
     h, _ = dep.layer(layer, h, pos, pre)
     return State(h, pos, start, n)

@@ -359,6 +359,20 @@ class Deployed:
     def score(self, stage, layer, h, pos, start, n):
         return stage_score(stage, *self.signals(layer, h, pos, start, n))
 
+    def prune_stage(self, layer: int, h, pos, idx, start: int, n: int):
+        """Keep the visual rows `idx` [1,k] (ascending) of the span [start, start+n) at a stage
+        before `layer` -> (h', pos', pre), `pre` = the layer's q/k/v and cache rows of the kept
+        stream taken from the full stream's pass (every op before attention is per token, so
+        gathering equals recomputing; the graphs do the same). Text rows are never dropped."""
+        _, _, q, kd, vd, _, _, kq, vq = self.qkv(layer, h, pos)
+        T = h.shape[1]
+        rows = torch.cat([torch.arange(start), start + idx[0], torch.arange(start + n, T)])
+        pick = lambda t: None if t is None else t.index_select(2, rows)  # noqa: E731
+        pre = (pick(q), pick(kd), pick(vd),
+               None if kq is None else tuple(pick(t) for t in kq),
+               None if vq is None else tuple(pick(t) for t in vq))  # fmt: skip
+        return h.index_select(1, rows), pos.index_select(pos.dim() - 1, rows), pre
+
     # ------------------------------------------------------------ forward / generate
     @torch.no_grad()
     def prefill(self, embeds, pos, start: int, n: int, keep_fn=None) -> PrefillOut:
@@ -375,15 +389,7 @@ class Deployed:
                 else:
                     s = self.score(st, l, h, pos, start, n)
                     idx = stable_topk(s, st.keep)
-                _, _, q, kd, vd, _, _, kq, vq = self.qkv(l, h, pos)
-                T = h.shape[1]
-                rows = torch.cat([torch.arange(start), start + idx[0], torch.arange(start + n, T)])
-                pick = lambda t: None if t is None else t.index_select(2, rows)  # noqa: E731
-                pre = (pick(q), pick(kd), pick(vd),
-                       None if kq is None else tuple(pick(t) for t in kq),
-                       None if vq is None else tuple(pick(t) for t in vq))  # fmt: skip
-                h = torch.cat([h[:, :start], h[:, start + idx[0]], h[:, start + n :]], dim=1)
-                pos = torch.cat([pos[..., :start], pos[..., start + idx[0]], pos[..., start + n :]], dim=-1)
+                h, pos, pre = self.prune_stage(l, h, pos, idx, start, n)
                 orig = orig[:, idx[0]]
                 kept.append(orig.clone())
                 scores.append(s)
