@@ -140,3 +140,28 @@ def test_a_set_folder_is_a_build_of_its_own(multi_build, capsys):
     assert main(["run", "--artifacts", str(out / "128x96"), "--image",
                  str(ROOT / "calib_data" / "shapes" / "images" / "test" / "00000.png"), "--prompt", "x"]) == 2  # fmt: skip
     assert "these graphs take 128x96" in capsys.readouterr().err
+
+
+def test_llava_next_builds_one_set_per_pinpoint(tmp_path):
+    """LLaVA-NeXT: config.json lists two pinpoints; a hand-written recipe with fractions builds both."""
+    import torch
+
+    torch.set_num_threads(1)
+    model = make_tiny_llava_next(tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["image_grid_pinpoints"] = [[96, 96], [96, 144]]
+    (model / "config.json").write_text(json.dumps(cfg))
+    recipe = {
+        "name": "next-sizes", "model": str(model), "quant": {"scheme": "w4a4kv4"},
+        "pruning": {"budget": 0.6, "n_visual": 192, "stages": [{"layer": 1, "keep": 96, "fraction": 0.5},
+                                                                {"layer": 2, "keep": 48, "fraction": 0.25}]},
+        "export": {"image_sizes": [[96, 96], [96, 144]], "max_new_tokens": 2},
+    }  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out = tmp_path / "g"
+    assert main(["build", "--recipe", str(tmp_path / "r.yaml"), "--out", str(out), "--bench", str(TEST_SPLIT),
+                 "--samples", "2"]) == 0  # fmt: skip
+    top = json.loads((out / "manifest.json").read_text())
+    assert [(s["dir"], s["n_visual"]) for s in top["sets"]] == [("96x96", 192), ("144x96", 264)]
+    assert [[st["keep"] for st in s["schedule"]] for s in top["sets"]] == [[96, 48], [132, 66]]
+    assert all(s["parity"]["kept_index_agreement"] == 1.0 for s in top["sets"])
