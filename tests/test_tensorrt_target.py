@@ -117,3 +117,21 @@ def test_engine_build_on_gpu(tiny128, tmp_path):
     engines = tensorrt_target.build_engines(tmp_path)
     assert [p.name for p in engines] == ["vision.engine", "embed.engine", "prefill.engine", "decode.engine"]
     assert all(p.stat().st_size > 0 for p in engines)
+
+
+def test_mrope_family_refused_in_one_line(tmp_path, capsys):
+    """quota::TokenGather gathers [B,T] position ids: an M-RoPE family gets one line, exit 2, no output."""
+    import yaml
+
+    from conftest import make_tiny_qwen2_vl
+    from quota_export.__main__ import main
+
+    model = make_tiny_qwen2_vl(tmp_path / "m")
+    r = {"name": "q", "model": str(model),
+         "quant": {"scheme": "w4a4kv4", "weights": {"bits": 4, "group_size": 64, "ignore": ["lm_head", r"^model\.visual\."]}},
+         "pruning": {"budget": 0.6, "n_visual": 36, "stages": [{"layer": 1, "keep": 12}]}}  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["build", "--recipe", str(tmp_path / "r.yaml"), "--target", "tensorrt", "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: target tensorrt: Qwen2VLForConditionalGeneration uses M-RoPE position planes")
+    assert not (tmp_path / "g").exists()

@@ -31,8 +31,15 @@ from quota_export.reference import Deployed
 def lower(dep: Deployed, visual_start: int, opset: int) -> dict[str, onnx.ModelProto]:
     """The four graphs for TensorRT. TensorRT has no FP64, so this switches `dep` to fp32
     reductions first (`Deployed.set_reductions`): check these graphs against that same `dep`."""
-    dep.set_reductions(fp64=False)
     adapter = dep.adapter
+    if dep.rope_planes is not None:
+        from quota_export import UserError
+
+        raise UserError(
+            f"target tensorrt: {adapter.architecture} uses M-RoPE position planes [3,1,T], which the "
+            "quota::TokenGather plugin does not gather yet (it takes position ids [B,T]); use --target onnx"
+        )
+    dep.set_reductions(fp64=False)
     n = adapter.n_visual()
     graphs = {
         "vision.onnx": vision_graph(adapter, opset),
