@@ -128,7 +128,7 @@ def test_mrope_family_refused_in_one_line(tmp_path, capsys):
 
     model = make_tiny_qwen2_vl(tmp_path / "m")
     r = {"name": "q", "model": str(model),
-         "quant": {"scheme": "w4a4kv4", "weights": {"bits": 4, "group_size": 64, "ignore": ["lm_head", r"^model\.visual\."]}},
+         "quant": {"scheme": "w4a4kv4", "weights": {"bits": 4, "group_size": 32, "ignore": ["lm_head", r"^model\.visual\."]}},
          "pruning": {"budget": 0.6, "n_visual": 36, "stages": [{"layer": 1, "keep": 12}]}}  # fmt: skip
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     assert main(["build", "--recipe", str(tmp_path / "r.yaml"), "--target", "tensorrt", "--out", str(tmp_path / "g")]) == 2
