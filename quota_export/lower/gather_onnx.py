@@ -114,14 +114,17 @@ def build_gather_subgraph(
 
 
 def build_plugin_node(
-    prefix: str, hidden: str, position_ids: str, scores: str, *, k: int, start: int, n_visual: int
+    prefix: str, hidden: str, position_ids: str, scores: str, *, k: int, start: int, n_visual: int,
+    position_ids_rank: int = 2,
 ) -> GatherSubgraph:
     """The same gather as one `quota::TokenGather` node (the tensorrt target), `<prefix>/TokenGather`.
 
     TensorRT's ONNX parser maps a node to a Python (QDP) plugin by op type == plugin name and a string
-    attribute `plugin_namespace`; `aot=1` selects the plugin's AOT (PTX) implementation.
+    attribute `plugin_namespace`; `aot=1` selects the plugin's AOT (PTX) implementation. The
+    position ids may be [B, T] or M-RoPE planes [3, B, T]: the plugin reads the rank from the
+    tensor (no attribute), as its kernel does (POS_PLANES).
     """
-    _check(k, start, n_visual, 2)
+    _check(k, start, n_visual, position_ids_rank)
     full = "/" + prefix.strip("/") + "/TokenGather"
     outs = [f"{full}_output_{i}" for i in range(3)]
     node = helper.make_node(

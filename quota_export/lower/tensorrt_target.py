@@ -32,13 +32,6 @@ def lower(dep: Deployed, visual_start: int, opset: int) -> dict[str, onnx.ModelP
     """The four graphs for TensorRT. TensorRT has no FP64, so this switches `dep` to fp32
     reductions first (`Deployed.set_reductions`): check these graphs against that same `dep`."""
     adapter = dep.adapter
-    if dep.rope_planes is not None:
-        from quota_export import UserError
-
-        raise UserError(
-            f"target tensorrt: {adapter.architecture} uses M-RoPE position planes [3,1,T], which the "
-            "quota::TokenGather plugin does not gather yet (it takes position ids [B,T]); use --target onnx"
-        )
     dep.set_reductions(fp64=False)
     n = adapter.n_visual()
     graphs = {
@@ -61,12 +54,16 @@ def inline_token_gathers(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with every quota::TokenGather node replaced by the standard-op gather."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    # every stage gathers position ids of the graph input's rank: [B,T], or M-RoPE planes [3,B,T]
+    pos = [i for i in m.graph.input if i.name == "position_ids"]
+    rank = len(pos[0].type.tensor_type.shape.dim) if pos else 2
     nodes = []
     for node in m.graph.node:
         if node.domain == PLUGIN_DOMAIN and node.op_type == PLUGIN_OP:
             at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             prefix = node.name.rsplit("/", 1)[0] + "/inlined"
-            sub = build_gather_subgraph(prefix, *node.input, k=at["k"], start=at["start"], n_visual=at["n_visual"])
+            sub = build_gather_subgraph(prefix, *node.input, k=at["k"], start=at["start"], n_visual=at["n_visual"],
+                                        position_ids_rank=rank)
             nodes.extend(sub.nodes)
             for src, dst in zip((sub.hidden, sub.position_ids, sub.kept), node.output):
                 nodes.append(helper.make_node("Identity", [src], [dst], name=f"{prefix}/{dst.rsplit('/', 1)[-1]}"))
