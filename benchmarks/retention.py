@@ -1,16 +1,28 @@
 """Quality retention of QUOTA vs the stage-wise baselines, at the same budget and scheme.
 
     python benchmarks/retention.py [--model models/shapes-llava] [--bench calib_data/shapes/test.jsonl]
-        [--samples N] [--calib calib_data/shapes/calib.jsonl] [--calib-samples 64]
-        [--schemes w4a4kv4] [--budgets 0.3] [--out benchmarks/retention.md]
+        [--samples N [N ...]] [--calib calib_data/shapes/calib.jsonl] [--calib-samples 64]
+        [--schemes w4a4kv4] [--budgets 0.3 0.5 0.15] [--ablations-at B ...] [--threads 1]
+        [--out benchmarks/retention.md]
 
-Per (scheme, budget): FP full tokens (the reference), FP with blank images (how much of the
-score needs no image), the quantized model with all tokens, each stage-wise baseline (pruning
-scored on the FP model, replayed in the quantized model) and QUOTA (calibrated here on the
-calibration split, which shares no scene with the test split). Every row: mean kept fraction,
-accuracy per task, overall, retention (mean over tasks of accuracy / FP accuracy), agreement
-with the FP answer, and KL(P_fp || P) of the first answer token. Writes a Markdown report and
-the calibrated recipes beside it (<out stem>_recipes/).
+Per (scheme, budget), on a task-balanced slice of the bench (`--samples`: one count for every
+budget, or one per budget in the order of --budgets):
+  fp, full tokens (the reference); fp, blank images (how much of the score needs no image);
+  <scheme>, full tokens (RTN) and <scheme>-gptq, full tokens (GPTQ calibrated on full streams);
+  QUOTA (RTN weights) and QUOTA + GPTQ calibrated on its own pruned, quantized streams (one
+  schedule search, calibrated here on the calibration split, which shares no scene with the test
+  split);
+  each stage-wise baseline (pruning scored on the FP model, replayed in the quantized model) with
+  RTN weights and with GPTQ calibrated on full, unpruned streams (<scheme>-gptq);
+  ablations: QUOTA without magnitude / attention / risk (the calibration search with that
+  signal's score weight fixed at 0: calibrate(signals=...)), RTN weights; and QUOTA's schedule
+  with stage-wise quantizer calibration (the QUOTA schedule, GPTQ weights calibrated on full
+  streams, i.e. the same weights as <scheme>-gptq).
+Every row: mean kept fraction, accuracy per task, overall, retention (mean over tasks of accuracy
+/ FP accuracy), agreement with the FP answer, KL(P_fp || P) of the first answer token, seconds.
+The report is rewritten after each budget (a partial run leaves a valid partial table) and ends
+with a summary: QUOTA vs the best stage-wise combination per budget. Calibrated recipes (and
+GPTQ weight files) go beside it in <out stem>_recipes/ (git-ignored: the weight files are MBs).
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BASELINES = ("fastv", "pdrop", "sparsevlm", "divprune", "random")
+SIGNALS = ("magnitude", "attention", "risk")
 
 
 def _f(x, nd=3):
@@ -36,22 +49,29 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/shapes-llava")
     ap.add_argument("--bench", default="calib_data/shapes/test.jsonl")
-    ap.add_argument("--samples", type=int, help="task-balanced slice of the bench (default: all)")
+    ap.add_argument("--samples", type=int, nargs="+",
+                    help="task-balanced slice of the bench: one count, or one per budget (default: all)")
     ap.add_argument("--calib", default="calib_data/shapes/calib.jsonl")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--schemes", nargs="+", default=["w4a4kv4"])
-    ap.add_argument("--budgets", nargs="+", type=float, default=[0.3])
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5, 0.15])
+    ap.add_argument("--ablations-at", nargs="*", type=float,
+                    help="budgets that get the ablation rows (default: every budget; none: no ablations)")
+    ap.add_argument("--note", action="append", default=[], help="a line for the top of the report (repeatable)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "retention.md")
     a = ap.parse_args(argv)
+    if a.samples is None:
+        a.samples = [None] * len(a.budgets)
+    elif len(a.samples) == 1:
+        a.samples = a.samples * len(a.budgets)
+    elif len(a.samples) != len(a.budgets):
+        ap.error("--samples: give one count or one per budget")
 
     import torch
 
     torch.set_num_threads(a.threads)
-    from quota_export.calibrate import calibrate, versions
-    from quota_export.evaluate import Harness
-    from quota_export.recipe import save_recipe
 
     progress = sys.stderr.isatty()
     t_start = time.perf_counter()
@@ -72,29 +92,78 @@ def main(argv=None) -> int:
             time.sleep(10)
     model_arg, a.model = a.model, str(snap)
     try:
-        return _run(a, model_arg, progress, t_start, calibrate, versions, Harness, save_recipe)
+        return _run(a, model_arg, progress, t_start)
     finally:
         shutil.rmtree(snap_root, ignore_errors=True)
 
 
-def _run(a, model_arg, progress, t_start, calibrate, versions, Harness, save_recipe) -> int:
-    h = Harness(a.model, a.bench, a.samples, progress=progress)
-    tasks = list(dict.fromkeys(s.task for s in h.samples))
+def _timed(fn):
+    t = time.perf_counter()
+    m = fn()
+    return m, time.perf_counter() - t
+
+
+def _rtn_recipe(recipe):
+    """The same recipe with RTN weights (the schedule search itself always runs with RTN)."""
+    from quota_export.recipe import Quant
+
+    w = recipe.quant.weights
+    if w is None:
+        return recipe
+    w = w.model_copy(update={"algorithm": "rtn", "calibrated": None})
+    return recipe.model_copy(update={"quant": Quant(scheme=recipe.quant.scheme, weights=w)}, deep=True)
+
+
+def _run(a, model_arg, progress, t_start) -> int:
+    from quota_export.calibrate import calibrate, versions
+    from quota_export.evaluate import Harness
+    from quota_export.qweights import save_with_recipe
+    from quota_export.recipe import load_recipe, save_recipe
+    from quota_export.reference import DeployConfig, Deployed
+
     rec_dir = a.out.with_name(a.out.stem + "_recipes")
-    lines = [
+    rec_dir.mkdir(parents=True, exist_ok=True)
+    harnesses: dict = {}
+    shared: dict = {}  # per (samples, key): metrics of rows that do not depend on the budget
+
+    def harness(n):
+        if n not in harnesses:
+            harnesses[n] = Harness(a.model, a.bench, n, progress=progress, calib=a.calib,
+                                   calib_samples=a.calib_samples, calib_seed=a.seed)
+        return harnesses[n]
+
+    def once(n, key, fn):
+        if (n, key) not in shared:
+            shared[(n, key)] = _timed(fn)
+        return shared[(n, key)]
+
+    h0 = harness(a.samples[0])
+    tasks = list(dict.fromkeys(s.task for s in h0.samples))
+    head_lines = [
         "# Retention: QUOTA vs stage-wise baselines",
         "",
-        f"Model `{model_arg}` (training step {_model_step(a.model)}), bench `{a.bench}` ({len(h.samples)} samples, "
-        f"task-balanced), QUOTA calibrated on `{a.calib}` ({a.calib_samples} samples, seed {a.seed}).",
+        *a.note,
+        *([""] if a.note else []),
+        f"Model `{model_arg}` (training step {_model_step(a.model)}), bench `{a.bench}` (task-balanced slices: "
+        + ", ".join(f"budget {b:g}: {n if n else 'all'} samples" for b, n in zip(a.budgets, a.samples))
+        + f"), QUOTA and GPTQ calibrated on `{a.calib}` ({a.calib_samples} samples, seed {a.seed}).",
         f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}; python {platform.python_version()}; "
         f"{a.threads} thread(s).",
         "",
         "Retention = mean over tasks of accuracy / FP full-token accuracy. Agreement = same greedy answer "
         "as FP full-token. KL = mean KL(P_fp || P) of the first answer token (nats). Kept = mean fraction "
-        "of visual tokens over all decoder layers. Baselines are stage-wise: pruning scored on the FP model's "
-        "own stream, the quantized model (RTN weights) drops the same tokens.",
+        "of visual tokens over all decoder layers. Stage-wise baselines: pruning scored on the FP model's "
+        "own stream, the quantized model drops the same tokens; weights RTN, or GPTQ calibrated on the "
+        "full (unpruned) token streams (`-gptq`). QUOTA: schedule and score weights searched under the "
+        "deployed quantizers (RTN); `+ GPTQ (pruned streams)` = GPTQ calibrated on the streams of that "
+        "pruned, quantized model. Ablations: the QUOTA search with one signal's score weight fixed at 0 "
+        "(`calibrate(signals=...)`, RTN weights), and QUOTA's schedule with stage-wise quantizer "
+        "calibration (GPTQ on full streams, the `-gptq` weights). s = wall seconds of the row's "
+        "evaluation (calibration time is given above each table).",
         "",
     ]
+    sections: list[str] = []
+    summary: list[str] = []
 
     def row(name, m, secs):
         per = " | ".join(_f(m["per_task"].get(t)) for t in tasks)
@@ -104,39 +173,111 @@ def _run(a, model_arg, progress, t_start, calibrate, versions, Harness, save_rec
     head = ("| method | kept | " + " | ".join(tasks) + " | overall | retention | agreement | KL | s |\n"
             "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|")
 
-    def timed(fn):
-        t = time.perf_counter()
-        m = fn()
-        return m, time.perf_counter() - t
+    def write(final=False):
+        tail = [f"Total {time.perf_counter() - t_start:.0f} s."] if final else [
+            f"**Partial report** (run in progress or stopped; {time.perf_counter() - t_start:.0f} s so far)."]
+        body = head_lines + sections
+        if summary:
+            body += ["## Summary: QUOTA vs the best stage-wise combination", "",
+                     "Best stage-wise = the highest retention (and, separately, the lowest KL) over all "
+                     f"{2 * len(BASELINES)} stage-wise rows (5 pruners x RTN/GPTQ-full) at that budget. "
+                     "QUOTA wins if its retention is >= and its KL <= the best stage-wise values.", "",
+                     "| scheme | budget | samples | QUOTA variant | retention | best stage-wise retention | ratio "
+                     "| KL | best stage-wise KL | KL ratio | wins? |",
+                     "|---|---|---|---|---|---|---|---|---|---|---|", *summary, ""]
+        a.out.write_text("\n".join(body + tail) + "\n")
 
-    fp, fp_s = timed(lambda: h.evaluate("fp"))
-    blank, blank_s = timed(lambda: h.evaluate("fp", blank=True))
+    def say(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
     for scheme in a.schemes:
-        full, full_s = timed(lambda: h.evaluate("none", scheme))
-        for budget in a.budgets:
-            print(f"[{scheme} budget {budget}] calibrating QUOTA ...", file=sys.stderr)
+        gscheme = f"{scheme}-gptq"
+        for budget, n in zip(a.budgets, a.samples):
+            h = harness(n)
+            tag = f"{scheme}-b{budget:g}"
+            say(f"[{tag}] calibrating QUOTA (+ GPTQ on its pruned streams) ...")
             t = time.perf_counter()
-            recipe, res = calibrate(a.model, a.calib, budget, scheme, a.calib_samples, a.seed,
-                                    name=f"bench-quota-{scheme}-b{budget:g}", progress=progress)
+            rg, res = calibrate(a.model, a.calib, budget, scheme, a.calib_samples, a.seed,
+                                name=f"bench-quota-{tag}-gptq", progress=progress, weights="gptq")
             cal_s = time.perf_counter() - t
-            save_recipe(recipe.model_copy(update={"model": model_arg}), rec_dir / f"{recipe.name}.yaml")
-            sched = ", ".join(f"L{s.layer}:{s.keep}" for s in recipe.pruning.stages)
-            lines += [f"## {scheme}, budget {budget:g}", "",
-                      f"QUOTA schedule {sched}; calibration divergence {res.divergence:.4g} "
-                      f"(naive single stage at layer 0: {res.naive_divergence:.4g}); {res.evals} candidates, "
-                      f"{cal_s:.0f} s.", "", head,
-                      row("fp, full tokens (reference)", fp, fp_s),
-                      row("fp, blank images", blank, blank_s),
-                      row(f"{scheme}, full tokens", full, full_s)]
-            for b in BASELINES:
-                print(f"[{scheme} budget {budget}] {b} ...", file=sys.stderr)
-                m, s = timed(lambda: h.evaluate(b, scheme, budget))
-                lines.append(row(f"{scheme} + {b} (stage-wise)", m, s))
-            m, s = timed(lambda: h.evaluate("quota", recipe=recipe))
-            lines += [row(f"{scheme} + QUOTA", m, s), ""]
-    lines.append(f"Total {time.perf_counter() - t_start:.0f} s.")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(lines) + "\n")
+            g, meta = res.weights
+            rg = rg.model_copy(update={"model": model_arg})
+            rpath = rec_dir / f"bench-quota-{tag}-gptq.yaml"
+            save_with_recipe(rg, g.qweights, meta, rpath)
+            rg = load_recipe(rpath)  # the weights file is found beside the recipe
+            rr = _rtn_recipe(rg).model_copy(update={"name": f"bench-quota-{tag}"})
+            save_recipe(rr, rec_dir / f"bench-quota-{tag}.yaml")
+            sched = ", ".join(f"L{s.layer}:{s.keep}" for s in rr.pruning.stages)
+            wts = "; ".join(f"L{s.layer} (m, a, r) = ({s.weights.magnitude:g}, {s.weights.attention:g}, "
+                            f"{s.weights.risk:g})" for s in rr.pruning.stages)
+
+            say(f"[{tag}] reference rows ...")
+            fp, fp_s = once(n, "fp", lambda: h.evaluate("fp"))
+            blank, blank_s = once(n, "blank", lambda: h.evaluate("fp", blank=True))
+            full, full_s = once(n, scheme, lambda: h.evaluate("none", scheme))
+            fullg, fullg_s = once(n, gscheme, lambda: h.evaluate("none", gscheme))
+            rows = [row("fp, full tokens (reference)", fp, fp_s),
+                    row("fp, blank images", blank, blank_s),
+                    row(f"{scheme}, full tokens (RTN)", full, full_s),
+                    row(f"{gscheme}, full tokens (GPTQ on full streams)", fullg, fullg_s)]
+            base_ms = []
+            for q in (scheme, gscheme):
+                for b in BASELINES:
+                    say(f"[{tag}] {b} {q} ...")
+                    m, s = _timed(lambda: h.evaluate(b, q, budget))
+                    base_ms.append((f"{q} + {b}", m))
+                    rows.append(row(f"{q} + {b} (stage-wise)", m, s))
+            say(f"[{tag}] QUOTA ...")
+            mq, sq = _timed(lambda: h.evaluate("quota", recipe=rr))
+            mg, sg = _timed(lambda: h.evaluate("quota", recipe=rg))
+            rows += [row(f"{scheme} + QUOTA (RTN)", mq, sq),
+                     row(f"{scheme} + QUOTA + GPTQ (pruned streams)", mg, sg)]
+            abl_notes = []
+            if a.ablations_at is None or any(abs(budget - x) < 1e-9 for x in a.ablations_at):
+                for drop in SIGNALS:
+                    keep = tuple(x for x in SIGNALS if x != drop)
+                    say(f"[{tag}] ablation: QUOTA without {drop} ...")
+                    t = time.perf_counter()
+                    ra, resa = calibrate(a.model, a.calib, budget, scheme, a.calib_samples, a.seed,
+                                         name=f"bench-quota-{tag}-no-{drop}", progress=progress, signals=keep)
+                    ca_s = time.perf_counter() - t
+                    ra = ra.model_copy(update={"model": model_arg})
+                    save_recipe(ra, rec_dir / f"bench-quota-{tag}-no-{drop}.yaml")
+                    m, s = _timed(lambda: h.evaluate("quota", recipe=ra))
+                    rows.append(row(f"ablation: QUOTA without {drop} (RTN)", m, s))
+                    abl_notes.append(
+                        f"without {drop}: schedule " + ", ".join(
+                            f"L{st.layer}:{st.keep} ({st.weights.magnitude:g}, {st.weights.attention:g}, "
+                            f"{st.weights.risk:g})" for st in ra.pruning.stages)
+                        + f", divergence {resa.divergence:.4g}, {ca_s:.0f} s")
+                say(f"[{tag}] ablation: QUOTA schedule + GPTQ on full streams ...")
+
+                def sched_fullgptq():
+                    dep = Deployed(h.adapter, DeployConfig.from_recipe(rr), h.deployed(gscheme).qweights)
+                    return h.score(h._generate(dep, h.prompts(False), desc="eval quota schedule + gptq full"))
+
+                m, s = _timed(sched_fullgptq)
+                rows.append(row(f"ablation: QUOTA schedule + GPTQ on full streams (stage-wise quantizer)", m, s))
+            sections += [
+                f"## {scheme}, budget {budget:g} ({len(h.samples)} test samples)", "",
+                f"QUOTA schedule {sched}; score weights {wts}; calibration divergence {res.divergence:.4g} "
+                f"(naive single stage at layer 0: {res.naive_divergence:.4g}); {res.evals} candidates; "
+                f"GPTQ on the pruned streams: layer output error {g.error_ratio():.4f} of RTN's; "
+                f"search + GPTQ {cal_s:.0f} s.", "",
+                *([f"Ablation calibrations: {'; '.join(abl_notes)}.", ""] if abl_notes else []),
+                head, *rows, ""]
+            best_r = max(base_ms, key=lambda x: x[1]["retention"])
+            best_k = min(base_ms, key=lambda x: x[1]["kl"])
+            for label, m in (("RTN", mq), ("GPTQ (pruned streams)", mg)):
+                wins = m["retention"] >= best_r[1]["retention"] and m["kl"] <= best_k[1]["kl"]
+                summary.append(
+                    f"| {scheme} | {budget:g} | {len(h.samples)} | QUOTA {label} | {_f(m['retention'])} | "
+                    f"{_f(best_r[1]['retention'])} ({best_r[0]}) | {m['retention'] / best_r[1]['retention']:.3f} | "
+                    f"{m['kl']:.4g} | {best_k[1]['kl']:.4g} ({best_k[0]}) | {m['kl'] / best_k[1]['kl']:.3f} | "
+                    f"{'yes' if wins else 'no'} |")
+            write()
+            say(f"[{tag}] done; wrote {a.out}")
+    write(final=True)
     print(f"wrote {a.out}")
     return 0
 

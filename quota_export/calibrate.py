@@ -18,6 +18,12 @@ scheme, RTN weights), prefill only:
          weight grid W_GRID with the others fixed, until a sweep changes nothing (<= 3 sweeps)
       C. keeps: the best shape's layers with the other decay ratios of R_FINE, final weights
 
+Ablations: `signals` (default all of SIGNALS) restricts which signals may get a non-zero weight.
+The weight grid is then `weight_grid(signals)`: W_GRID with the other signals' weights set to 0,
+vectors that become all-zero dropped, duplicates dropped (order kept); phase A uses its first
+vector instead of attention-only. With all three signals it is W_GRID itself, so default
+recipes are unchanged byte for byte; a restricted run says so in `calibration.notes`.
+
 A candidate is run from its first stage layer on the cached h_l, and within one batch of
 candidates, states and signals shared by a common stage prefix are computed once. The fast
 path equals `Deployed.prefill` with the same stages bit for bit (tests/test_calibrate.py).
@@ -54,6 +60,7 @@ W_GRID: tuple[tuple[float, float, float], ...] = (
     (1.0, 1.0, 1.0),
     (1.0, 0.0, 0.0),
 )
+SIGNALS = ("magnitude", "attention", "risk")  # the order of the weight vectors
 R_SHAPES = (0.6, 0.35)  # decay ratios of the shape search (stages >= 2)
 R_FINE = (0.8, 0.7, 0.6, 0.5, 0.35, 0.25)  # decay ratios tried in phase C
 MAX_STAGES = 3
@@ -63,6 +70,22 @@ SIG_DIGITS = 6
 
 def _sig(x: float, digits: int = SIG_DIGITS) -> float:
     return float(f"{x:.{digits}g}")
+
+
+def weight_grid(signals=SIGNALS) -> tuple[tuple[float, float, float], ...]:
+    """W_GRID restricted to `signals` (the others' weights fixed at 0; all-zero vectors and
+    duplicates dropped, order kept). All three signals -> W_GRID unchanged."""
+    sig = tuple(signals)
+    bad = [x for x in sig if x not in SIGNALS]
+    if bad or not sig:
+        raise UserError(f"--signals: {', '.join(bad) or 'none given'}: choose from {', '.join(SIGNALS)}")
+    on = [name in sig for name in SIGNALS]
+    out: list[tuple[float, float, float]] = []
+    for w in W_GRID:
+        r = tuple(float(x) if on[i] else 0.0 for i, x in enumerate(w))
+        if sum(r) > 0 and r not in out:
+            out.append(r)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- budget arithmetic
@@ -305,9 +328,10 @@ def _best(cands, divs):
     return cands[i], divs[i]
 
 
-def search(ev: Evaluator, budget: float, progress: bool = False) -> SearchResult:
+def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS) -> SearchResult:
     from tqdm import tqdm
 
+    grid = weight_grid(signals)
     N, L = ev.n_visual, ev.L
     naive = naive_stages(N, budget)
     if budget_cap(budget, N, L) >= N * L:  # no pruning needed
@@ -317,10 +341,10 @@ def search(ev: Evaluator, budget: float, progress: bool = False) -> SearchResult
         return tuple(zip(layers, keeps, ws))
 
     def weight_options(cand, j):
-        """W_GRID without vectors equivalent to an earlier one (a constant signal's weight is moot)."""
+        """The grid without vectors equivalent to an earlier one (a constant signal's weight is moot)."""
         const = ev.constant(cand[:j], cand[j][0])
         seen, out = set(), []
-        for w in W_GRID:
+        for w in grid:
             eff = tuple(0.0 if const[i] else w[i] for i in range(3))
             if sum(eff) == 0 or eff in seen:
                 continue
@@ -333,8 +357,8 @@ def search(ev: Evaluator, budget: float, progress: bool = False) -> SearchResult
         raise UserError(f"budget {budget}: no schedule of {N} visual tokens over {L} layers meets it")
     bar = tqdm(desc="calibrate: search", disable=not progress, unit="cand", total=len(shapes) + 1)
     ev.divergence([naive], bar)
-    # A. shapes, attention-only weights
-    cands = [build(ls, ks, [W_GRID[0]] * len(ls)) for ls, _, ks in shapes]
+    # A. shapes, attention-only weights (the restricted grid's first vector under `signals`)
+    cands = [build(ls, ks, [grid[0]] * len(ls)) for ls, _, ks in shapes]
     best, best_d = _best(cands, ev.divergence(cands, bar))
     layers = [s[0] for s in best]
     keeps = [s[1] for s in best]
@@ -381,8 +405,11 @@ def default_name(model: str | Path, scheme: str, budget: float) -> str:
 
 def calibrate(model: str | Path, data: str | Path, budget: float, scheme: str = "w4a4kv4", samples: int = 64,
               seed: int = 0, name: str | None = None, progress: bool = False, group_size: int | None = None,
-              weights: str = "rtn"):
+              weights: str = "rtn", signals=SIGNALS):
     """Run QUOTA; returns (Recipe, SearchResult).
+
+    `signals`: which of magnitude/attention/risk may get a non-zero score weight (ablations;
+    default all three, the full method).
 
     Same model, data, budget, scheme, samples and seed -> the same recipe bytes: the search has
     no randomness but the seeded sample choice, ties go to the earlier candidate, measured
@@ -392,12 +419,13 @@ def calibrate(model: str | Path, data: str | Path, budget: float, scheme: str = 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size, weights)
+        return _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size, weights, signals)
     finally:
         torch.set_num_threads(threads)
 
 
-def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size=None, weights="rtn"):
+def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size=None, weights="rtn",
+               signals=SIGNALS):
     from quota_export import models
     from quota_export.data import load_image
     from quota_export.recipe import (
@@ -420,6 +448,8 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
         raise UserError(f"--samples: {samples} must be >= 1")
     if weights not in ("rtn", "gptq"):
         raise UserError(f"--weights: {weights!r} must be rtn or gptq")
+    weight_grid(signals)  # validates
+    restricted = [x for x in SIGNALS if x in tuple(signals)] != list(SIGNALS)
     if weights == "gptq" and SCHEMES[scheme].weights.bits == 16:
         raise UserError(f"--weights gptq: scheme {scheme} leaves the weights unquantized")
     adapter = models.load(model)
@@ -447,7 +477,7 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
     chosen = select_samples(data, samples, seed)
     prompts = [adapter.prompt(load_image(s), s.question) for s in chosen]
     ev = Evaluator(dep, prompts, progress)
-    res = search(ev, float(budget), progress)
+    res = search(ev, float(budget), progress, signals)
     stages = [
         Stage(layer=l, keep=k, fraction=_sig(k / N), weights=ScoreWeights(magnitude=w[0], attention=w[1], risk=w[2]),
               sigma=ScoreSigma(magnitude=s[0], attention=s[1], risk=s[2]))
@@ -467,7 +497,9 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
             versions=versions(),
             notes=(f"KL(quantized unpruned || quantized pruned) at the first answer position, mean over "
                    f"samples; naive schedule (one attention-only stage at layer 0) {_sig(res.naive_divergence)}; "
-                   f"{res.evals} candidates evaluated"),
+                   f"{res.evals} candidates evaluated"
+                   + (f"; ablation: score weights restricted to {', '.join(x for x in SIGNALS if x in signals)}"
+                      if restricted else "")),
         ),
     )
     recipe.check_against(spec.num_layers, N, adapter.module_names())

@@ -17,6 +17,9 @@ def _calibrate_args(p):
     p.add_argument("--weights", choices=["rtn", "gptq"], default="rtn",
                    help="weight quantization (default rtn); gptq is calibrated on the pruned model's token streams "
                         "and written beside the recipe as <recipe stem>.weights.safetensors")
+    p.add_argument("--signals", nargs="+", choices=["magnitude", "attention", "risk"],
+                   default=["magnitude", "attention", "risk"],
+                   help="ablation: the score signals that may get a non-zero weight (default all three)")
     p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
     p.add_argument("--name", help="recipe name (default <model>-quota-<scheme>-b<budget>)")
@@ -31,7 +34,7 @@ def cmd_calibrate(a) -> int:
 
     t0 = time.perf_counter()
     recipe, res = calibrate(a.model, a.data, a.budget, a.scheme, a.samples, a.seed, a.name, progress=_progress(),
-                             group_size=a.group_size, weights=a.weights)
+                             group_size=a.group_size, weights=a.weights, signals=tuple(a.signals))
     if res.weights is not None:
         from quota_export.qweights import save_with_recipe
 

@@ -149,3 +149,41 @@ def test_cli(tiny_llava, tmp_path, capsys):
     assert r.name == "cli-r" and r.pruning.budget == 0.4 and r.calibration.samples == 2
     assert "divergence" in capsys.readouterr().out
     assert main(["calibrate", "--model", str(tiny_llava), "--data", DATA, "--budget", "1.5", "-o", str(out)]) == 2
+
+
+def test_weight_grid_default_is_w_grid_and_restriction_zeroes():
+    from quota_export import UserError
+    from quota_export.calibrate import SIGNALS, W_GRID, weight_grid
+
+    assert weight_grid() == W_GRID and weight_grid(SIGNALS[::-1]) == W_GRID
+    for i, name in enumerate(SIGNALS):
+        g = weight_grid(tuple(s for s in SIGNALS if s != name))
+        assert g and all(w[i] == 0.0 and sum(w) > 0 for w in g) and len(set(g)) == len(g)
+    assert weight_grid(("attention",)) == ((0.0, 1.0, 0.0),)
+    with pytest.raises(UserError, match="--signals: colour"):
+        weight_grid(("colour",))
+
+
+def test_signals_ablation_zero_weight_and_default_unchanged(calibrated, tiny_llava, tmp_path):
+    """signals without attention -> every stage's attention weight is 0; all three signals given
+    explicitly -> the default recipe, byte for byte."""
+    (a, _), _ = calibrated
+    r, _ = calibrate(tiny_llava, DATA, 0.3, "w4a4kv4", SAMPLES, seed=3, name="tiny-q",
+                     signals=("magnitude", "attention", "risk"))
+    save_recipe(r, tmp_path / "explicit.yaml")
+    assert (tmp_path / "explicit.yaml").read_bytes() == a.read_bytes()
+    r, _ = calibrate(tiny_llava, DATA, 0.3, "w4a4kv4", SAMPLES, seed=3, name="tiny-q",
+                     signals=("magnitude", "risk"))
+    assert r.pruning.stages and all(s.weights.attention == 0.0 for s in r.pruning.stages)
+    assert all(s.weights.magnitude + s.weights.risk > 0 for s in r.pruning.stages)
+    assert "ablation: score weights restricted to magnitude, risk" in r.calibration.notes
+
+
+def test_cli_signals(tiny_llava, tmp_path):
+    from quota_export.__main__ import main
+
+    out = tmp_path / "r.yaml"
+    assert main(["calibrate", "--model", str(tiny_llava), "--data", DATA, "--budget", "0.4", "--samples", "2",
+                 "--signals", "attention", "risk", "-o", str(out)]) == 0
+    r = load_recipe(out)
+    assert r.pruning.stages and all(s.weights.magnitude == 0.0 for s in r.pruning.stages)
