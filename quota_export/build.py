@@ -59,24 +59,22 @@ def _check_quant_fits(recipe, adapter, spec) -> None:
     if kv.bits == 4 and spec.head_dim % 2:
         raise UserError(f"quant.kv_cache.bits: a 4-bit cache packs two values per byte; head_dim {spec.head_dim} is odd")
     w = rq.weights
-    if w.bits < 16 and w.granularity == "group":
-        mods = dict(adapter.model.named_modules())
-        for name in recipe.quantized_modules(list(mods)):
-            weight = getattr(mods[name], "weight", None)
-            if weight is not None and weight.dim() == 2 and weight.shape[1] % w.group_size:
-                raise UserError(
-                    f"quant.weights.group_size: {w.group_size} does not divide the {weight.shape[1]} input "
-                    f"features of {name}"
-                )
-    if w.bits < 16:
-        mods = dict(adapter.model.named_modules())
-        for name in recipe.quantized_modules(list(mods)):
-            weight = getattr(mods[name], "weight", None)
-            if weight is not None and weight.dim() == 2:
-                try:
-                    w.scale_bits_for(weight.shape[1], rq.activations.bits)
-                except ValueError as e:
-                    raise UserError(f"quant.weights.accumulation: {name}: {e}") from None
+    if w.bits >= 16:
+        return
+    mods = dict(adapter.model.named_modules())
+    for name in recipe.quantized_modules(list(mods)):
+        weight = getattr(mods[name], "weight", None)
+        if weight is None or weight.dim() != 2:
+            continue
+        if w.granularity == "group" and weight.shape[1] % w.group_size:
+            raise UserError(
+                f"quant.weights.group_size: {w.group_size} does not divide the {weight.shape[1]} input "
+                f"features of {name}"
+            )
+        try:
+            w.scale_bits_for(weight.shape[1], rq.activations.bits)
+        except ValueError as e:
+            raise UserError(f"quant.weights.accumulation: {name}: {e}") from None
 
 
 def load_model(recipe):
@@ -126,18 +124,9 @@ def deployed_at(recipe, adapter, size=None, qweights=None, fp64: bool | None = N
 def load_deployed(recipe):
     """Recipe -> (adapter, Deployed) with the recipe checked against the model, at the model's
     declared image size (or the first of export.image_sizes)."""
-    from quota_export.reference import DeployConfig, Deployed
-
     adapter = load_model(recipe)
-    if recipe.export.image_sizes is not None:
-        adapter = adapter.with_image_size(*image_sizes(recipe, adapter)[0])
-    cfg = DeployConfig.from_recipe(recipe, adapter.n_visual())
-    qweights = None
-    if cfg.w_algorithm == "gptq":
-        from quota_export.qweights import load_qweights
-
-        qweights = load_qweights(recipe, adapter, cfg)  # the calibrated file beside the recipe
-    return adapter, Deployed(adapter, cfg, qweights)
+    size = image_sizes(recipe, adapter)[0] if recipe.export.image_sizes is not None else None
+    return deployed_at(recipe, adapter, size)
 
 
 @dataclass

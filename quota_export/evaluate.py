@@ -183,17 +183,11 @@ class Harness:
             torch.set_num_threads(threads)
 
     def _recipe_deployed(self, recipe):
-        from quota_export.reference import DeployConfig, Deployed
+        from quota_export.build import deployed_at
 
         spec = self.adapter.decoder_spec()
         recipe.check_against(spec.num_layers, self.adapter.n_visual(), self.adapter.module_names())
-        cfg = DeployConfig.from_recipe(recipe)
-        qweights = None
-        if cfg.w_algorithm == "gptq":
-            from quota_export.qweights import load_qweights
-
-            qweights = load_qweights(recipe, self.adapter, cfg)  # the calibrated file beside the recipe
-        return Deployed(self.adapter, cfg, qweights)
+        return deployed_at(recipe, self.adapter)[1]  # with the calibrated weights file, if any
 
     def _generate(self, dep, prompts, keep_fn_for=None, desc="eval") -> RunResult:
         from tqdm import tqdm

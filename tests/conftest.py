@@ -182,3 +182,46 @@ def make_tiny_llava_next(out: Path, seed: int = 1, layers: int = 3, hidden: int 
 def tiny_llava_next(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     return make_tiny_llava_next(tmp_path_factory.mktemp("tiny_llava_next") / "model")
+
+
+@pytest.fixture(scope="session")
+def samples():
+    """(image, question) of the first 3 samples of the shipped test split (the family tests' inputs)."""
+    from quota_export.data import load_bench, load_image
+
+    return [(load_image(s), s.question) for s in load_bench(ROOT / "calib_data" / "shapes" / "test.jsonl", limit=3)]
+
+
+def assert_generate_matches_hf(adapter, samples, hf_inputs, new_tokens: int = 6) -> None:
+    """The unquantized, unpruned reference's greedy tokens equal HF generate's on every sample
+    (up to the reference's EOS), and the answers are not all the same token."""
+    from quota_export.reference import DeployConfig, Deployed
+
+    dep = Deployed(adapter, DeployConfig())
+    answers = set()
+    for img, q in samples:
+        p = adapter.prompt(img, q)
+        toks, _ = dep.generate(p, new_tokens)
+        with torch.no_grad():
+            g = adapter.model.generate(**hf_inputs(p), attention_mask=torch.ones_like(p.input_ids),
+                                       max_new_tokens=new_tokens, do_sample=False)
+        hf = g[0, p.input_ids.shape[1]:].tolist()
+        assert toks == hf[: len(toks)] and (len(toks) == len(hf) or toks[-1] == dep.spec.eos_token_id)
+        answers.add(tuple(toks))
+    assert len(answers) > 1 or len(set(answers.pop())) > 1, "degenerate answers prove little"
+
+
+def vision_graph_run(adapter, sample):
+    """(vision.onnx inputs as [(name, dims)], its output on the sample, the tower's own features)."""
+    import onnxruntime as ort
+
+    from quota_export.lower.onnx_target import vision_graph
+
+    m = vision_graph(adapter, 21)
+    inputs = [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in m.graph.input]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    p = adapter.prompt(*sample)
+    y = s.run(None, {"pixel_values": p.pixel_values.numpy()})[0]
+    return inputs, y, adapter.vision_features(p.pixel_values).numpy()

@@ -20,7 +20,7 @@ from quota_export.build import build
 from quota_export.data import load_bench, load_image
 from quota_export.recipe import load_recipe
 from quota_export.reference import DeployConfig, Deployed
-from conftest import ROOT, make_tiny_llava_next
+from conftest import ROOT, assert_generate_matches_hf, make_tiny_llava_next, vision_graph_run
 
 TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 N_VISUAL = 192
@@ -30,11 +30,6 @@ N_VISUAL = 192
 def adapter(tiny_llava_next):
     torch.set_num_threads(1)
     return models.load(tiny_llava_next)
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return [(load_image(s), s.question) for s in load_bench(TEST_SPLIT, limit=3)]
 
 
 def _hf_inputs(p):
@@ -85,35 +80,14 @@ def test_reference_matches_hf_logits(adapter, samples):
 
 
 def test_generate_matches_hf(adapter, samples):
-    dep = Deployed(adapter, DeployConfig())
-    answers = set()
-    for img, q in samples:
-        p = adapter.prompt(img, q)
-        toks, _ = dep.generate(p, 6)
-        with torch.no_grad():
-            g = adapter.model.generate(**_hf_inputs(p), attention_mask=torch.ones_like(p.input_ids),
-                                       max_new_tokens=6, do_sample=False)
-        hf = g[0, p.input_ids.shape[1]:].tolist()
-        assert toks == hf[: len(toks)] and (len(toks) == len(hf) or toks[-1] == dep.spec.eos_token_id)
-        answers.add(tuple(toks))
-    assert len(answers) > 1 or len(set(answers.pop())) > 1, "degenerate answers prove little"
+    assert_generate_matches_hf(adapter, samples, _hf_inputs)
 
 
 def test_vision_graph_matches_tower(adapter, samples):
-    import onnxruntime as ort
-
-    from quota_export.lower.onnx_target import vision_graph
-
-    m = vision_graph(adapter, 21)
-    assert [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in m.graph.input] == [
-        ("pixel_values", [1, 5, 3, 48, 48])]
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    p = adapter.prompt(*samples[1])
-    y = s.run(None, {"pixel_values": p.pixel_values.numpy()})[0]
+    inputs, y, want = vision_graph_run(adapter, samples[1])
+    assert inputs == [("pixel_values", [1, 5, 3, 48, 48])]
     assert y.shape == (1, N_VISUAL, 64)
-    np.testing.assert_allclose(y, adapter.vision_features(p.pixel_values).numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-4)
 
 
 S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0},

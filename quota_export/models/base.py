@@ -78,9 +78,33 @@ class Adapter:
         self.processor = processor
         self.path = Path(path)
 
+    label: str = ""  # family name in messages
+
+    @classmethod
+    def hf_classes(cls):
+        """(HF config class, HF model class) of the family."""
+        raise NotImplementedError
+
     @classmethod
     def from_pretrained(cls, path: Path) -> "Adapter":
-        raise NotImplementedError
+        """Checkpoint + processor of a local HF folder, every problem one UserError line; then
+        `check` rejects what the adapter does not lower."""
+        from quota_export import UserError
+        from quota_export.models import first_line
+        from quota_export.models.loading import load_checkpoint, load_processor
+
+        config_cls, model_cls = cls.hf_classes()
+        model = load_checkpoint(path, config_cls, model_cls, cls.label)
+        try:
+            processor = load_processor(path)
+        except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
+            raise UserError(f"{path}: cannot load processor / tokenizer ({first_line(e)})") from None
+        ad = cls(model, processor, path)
+        ad.check()
+        return ad
+
+    def check(self) -> None:
+        """What this adapter does not lower, as one UserError line each (default: nothing)."""
 
     # --- what every family provides
     def decoder_spec(self) -> DecoderSpec:

@@ -8,30 +8,23 @@ Visual span: the contiguous run of image_token_index in input_ids (one image per
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from quota_export import UserError
-from quota_export.models import first_line, quiet_hf, register
+from quota_export.models import register
 from quota_export.models.base import Adapter, DecoderSpec, Prompt, encode_chat
-from quota_export.models.loading import load_checkpoint
 
 
 @register("LlavaForConditionalGeneration")
 class LlavaAdapter(Adapter):
-    @classmethod
-    def from_pretrained(cls, path: Path) -> "LlavaAdapter":
-        from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+    label = "LLaVA"
 
-        model = load_checkpoint(path, LlavaConfig, LlavaForConditionalGeneration, "LLaVA")
-        with quiet_hf():
-            try:
-                processor = AutoProcessor.from_pretrained(str(path))
-            except (OSError, ValueError, TypeError, KeyError) as e:
-                raise UserError(f"{path}: cannot load processor / tokenizer ({first_line(e)})") from None
-        return cls(model, processor, path)
+    @classmethod
+    def hf_classes(cls):
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        return LlavaConfig, LlavaForConditionalGeneration
 
     def decoder_spec(self) -> DecoderSpec:
         c = self.model.config.text_config

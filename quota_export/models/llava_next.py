@@ -24,16 +24,13 @@ which is what the processor's `_get_number_of_features` gives for that size (min
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from quota_export import UserError
-from quota_export.models import first_line, register
+from quota_export.models import register
 from quota_export.models.base import Prompt, encode_chat
 from quota_export.models.llava import LlavaAdapter
-from quota_export.models.loading import load_checkpoint, load_processor
 
 
 @register("LlavaNextForConditionalGeneration")
@@ -41,17 +38,10 @@ class LlavaNextAdapter(LlavaAdapter):
     label = "LLaVA-NeXT"
 
     @classmethod
-    def from_pretrained(cls, path: Path) -> "LlavaNextAdapter":
+    def hf_classes(cls):
         from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-        model = load_checkpoint(path, LlavaNextConfig, LlavaNextForConditionalGeneration, cls.label)
-        try:
-            processor = load_processor(path)
-        except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
-            raise UserError(f"{path}: cannot load processor / tokenizer ({first_line(e)})") from None
-        ad = cls(model, processor, path)
-        ad.check()
-        return ad
+        return LlavaNextConfig, LlavaNextForConditionalGeneration
 
     def check(self) -> None:
         """What this adapter does not lower, as one line each."""

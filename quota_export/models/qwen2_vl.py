@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from quota_export import UserError
-from quota_export.models import first_line, quiet_hf, register
+from quota_export.models import register
 from quota_export.models.base import Adapter, DecoderSpec, Prompt, encode_chat
-from quota_export.models.loading import PROCESSOR_FALLBACKS, load_checkpoint, load_processor
+from quota_export.models.loading import PROCESSOR_FALLBACKS
 
 
 class QwenImageTextProcessor:
@@ -104,17 +104,6 @@ class Qwen2VLAdapter(Adapter):
 
         return Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    @classmethod
-    def from_pretrained(cls, path: Path) -> "Qwen2VLAdapter":
-        config_cls, model_cls = cls.hf_classes()
-        model = load_checkpoint(path, config_cls, model_cls, cls.label)
-        try:
-            processor = load_processor(path)
-        except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
-            raise UserError(f"{path}: cannot load processor / tokenizer ({first_line(e)})") from None
-        ad = cls(model, processor, path)
-        ad.check()
-        return ad
 
     def check(self) -> None:
         """What this adapter does not lower yet, as one line each."""
