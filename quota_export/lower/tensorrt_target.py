@@ -119,6 +119,9 @@ def build_engines(folder: Path, names=("vision.onnx", "embed.onnx", "prefill.onn
             errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise RuntimeError(f"{name}: TensorRT could not parse the graph: {errs}")
         config = builder.create_builder_config()
+        # TF32 is on by default and rounds fp32 MatMul inputs to a 10-bit mantissa: the exact
+        # integer-activation matmuls (quant.weights.accumulation: exact) need true fp32 products
+        config.clear_flag(trt.BuilderFlag.TF32)
         profile = builder.create_optimization_profile()
         for i in range(net.num_inputs):
             t = net.get_input(i)
