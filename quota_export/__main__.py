@@ -109,13 +109,14 @@ def cmd_verify(a) -> int:
     from quota_export.build import deployed_at, load_items, load_model
     from quota_export.recipe import load_recipe
     from quota_export.runtime.ort import OrtRunner, graph_sets
-    from quota_export.verify import compare, summary_line
+    from quota_export.verify import compare, misses_line, summary_line
 
     if a.samples < 1:
         raise UserError(f"--samples: must be at least 1, got {a.samples}")
     sets = graph_sets(a.artifacts)
     several = len(sets) > 1
-    keys = ("kept_index_agreement", "kept_index_agreement_per_stage", "answer_agreement", "logits_sqnr_db_min", "samples")
+    keys = ("kept_index_agreement", "kept_index_agreement_per_stage", "answer_agreement", "logits_sqnr_db_min", "samples",
+            "failing_samples")
     reports, fails = {}, []
     base = None
     for (h, w), folder in sets:
@@ -131,9 +132,11 @@ def cmd_verify(a) -> int:
             base = load_model(recipe)
         _, dep = deployed_at(recipe, base, (h, w) if recipe.export.image_sizes else None,
                              fp64=runner.manifest.get("reductions", "fp64") == "fp64")
-        rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, _progress())
+        rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, _progress(), ids=data.ids)
         d = rep.as_dict()
         print(("  " if several else "") + summary_line(d, data.source))
+        if d["failing_samples"]:
+            print(("  " if several else "") + misses_line(d["failing_samples"]))
         reports[f"{w}x{h}"] = {k: d[k] for k in keys}
         fails += [f"{w}x{h}: {f}" if several else f for f in rep.failures()]
     if a.json:

@@ -134,6 +134,7 @@ class ParityData:
     items: list  # (image uint8 HxWx3, question)
     source: str  # for people: "test.jsonl" / "random images"
     example: tuple[str, str] | None = None  # (image path, question) of the first sample, for the `run` hint
+    ids: list[str] | None = None  # one per item: names the samples a parity report flags
 
 
 def load_items(path, n: int, image_size: tuple[int, int], resize: bool = False) -> ParityData:
@@ -156,7 +157,8 @@ def load_items(path, n: int, image_size: tuple[int, int], resize: bool = False) 
             resized = True
         items.append((img, s.question))
     source = Path(path).name + (f" resized to {w}x{h}" if resized else "")
-    return ParityData(items, source, None if resized else (samples[0].image, samples[0].question))
+    return ParityData(items, source, None if resized else (samples[0].image, samples[0].question),
+                      [s.id for s in samples])
 
 
 def parity_items(adapter, recipe, n: int, bench: str | None = None, resize: bool = False) -> ParityData:
@@ -171,7 +173,7 @@ def parity_items(adapter, recipe, n: int, bench: str | None = None, resize: bool
     rng = np.random.default_rng(0)
     items = [(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "describe image") for _ in range(n)]
     why = f"calibration data {src} not found" if src else "no --bench given"
-    return ParityData(items, f"random {w}x{h} images ({why})")
+    return ParityData(items, f"random {w}x{h} images ({why})", ids=[f"random-{i}" for i in range(n)])
 
 
 def mrope_layout(probe) -> dict:
@@ -358,7 +360,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
                threads: int, say, tag: str = ""):
     """Lower, write and check one graph set (one image size) into `folder`; -> (manifest, example)."""
     from quota_export.prune.schedule import kept_per_layer
-    from quota_export.verify import compare
+    from quota_export.verify import compare, misses_line
 
     spec = dep.spec
     stages = ", ".join(f"layer {s.layer} keeps {s.keep}" for s in dep.cfg.stages) or "no pruning"
@@ -429,12 +431,12 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
     from quota_export.runtime.ort import OrtRunner
 
     runner = OrtRunner(folder, threads=threads)
-    rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, progress=progress)
+    rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, progress=progress, ids=data.ids)
     manifest["parity"] = {"data": data.source, **rep.as_dict()}
     fails = rep.failures()
     if fails:
         raise ParityError(
-            f"parity check failed: {tag}{'; '.join(fails)}; nothing written to {out} "
+            f"parity check failed: {tag}{'; '.join(fails)} ({misses_line(rep.misses)}); nothing written to {out} "
             "(the graphs disagree with the PyTorch reference: please report this with the recipe)"
         )
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -35,15 +35,26 @@ class ParityReport:
     answers_agree: int = 0
     sqnr: list[float] = field(default_factory=list)
     vision_sqnr: list[float] = field(default_factory=list)  # vision.onnx features vs the torch tower
+    # per sample that misses a threshold: {"id", "stages" (disagreeing), "answer" (agrees), "sqnr_db"}
+    misses: list[dict] = field(default_factory=list)
 
-    def add(self, ref_kept, kept, ref_tokens, tokens, ref_logits, logits):
+    def add(self, ref_kept, kept, ref_tokens, tokens, ref_logits, logits, sample_id: str | None = None):
         if not self.kept_agree:
             self.kept_agree = [0] * len(ref_kept)
         self.samples += 1
+        stages = []
         for i, (a, b) in enumerate(zip(ref_kept, kept)):
-            self.kept_agree[i] += int(np.array_equal(np.asarray(a), np.asarray(b)))
-        self.answers_agree += int(list(ref_tokens) == list(tokens))
-        self.sqnr.append(sqnr_db(ref_logits, logits))
+            same = np.array_equal(np.asarray(a), np.asarray(b))
+            self.kept_agree[i] += int(same)
+            if not same:
+                stages.append(i)
+        answer = list(ref_tokens) == list(tokens)
+        self.answers_agree += int(answer)
+        sq = sqnr_db(ref_logits, logits)
+        self.sqnr.append(sq)
+        if stages or not answer or sq < THRESHOLDS["logits_sqnr_db_min"]:
+            self.misses.append({"id": sample_id if sample_id is not None else f"#{self.samples - 1}",
+                                "stages": stages, "answer": answer, "sqnr_db": _db(sq)})
 
     def as_dict(self) -> dict:
         """JSON-safe summary (an infinite SQNR - bit-identical logits - is written as "inf")."""
@@ -60,6 +71,7 @@ class ParityReport:
             "logits_sqnr_db_median": round(float(np.median(finite)), 2) if finite else None,
             "logits_sqnr_db": [round(s, 2) if math.isfinite(s) else "inf" for s in self.sqnr],
             "vision_sqnr_db_min": _db(min(self.vision_sqnr)) if self.vision_sqnr else None,
+            "failing_samples": self.misses,
         }
 
     def sqnr_min(self) -> float | None:
@@ -89,13 +101,15 @@ def _db(x: float):
     return round(x, 2) if math.isfinite(x) else "inf"
 
 
-def compare(runner, deployed, items, max_new_tokens: int, progress: bool = True) -> ParityReport:
-    """items: iterable of (image uint8 HxWx3, question). Runs runner and reference side by side."""
+def compare(runner, deployed, items, max_new_tokens: int, progress: bool = True, ids=None) -> ParityReport:
+    """items: iterable of (image uint8 HxWx3, question). Runs runner and reference side by side.
+    `ids` (one per item) name the samples that miss a threshold in the report."""
     import torch
 
     rep = ParityReport()
     items = list(items)
-    for image, question in tqdm(items, desc="parity", disable=not progress, unit="sample"):
+    ids = list(ids) if ids is not None else [None] * len(items)
+    for (image, question), sid in tqdm(list(zip(items, ids)), desc="parity", disable=not progress, unit="sample"):
         res = runner.generate(image, question, max_new_tokens)
         prompt = deployed.adapter.prompt(image, question)
         # The decoder comparison starts from the same embeddings on both sides (those of
@@ -107,8 +121,21 @@ def compare(runner, deployed, items, max_new_tokens: int, progress: bool = True)
             ref_emb = deployed.embed_prompt(prompt)
             toks, out = deployed.generate(prompt, max_new_tokens, embeds=torch.from_numpy(emb))
         rep.vision_sqnr.append(sqnr_db(ref_emb.numpy(), emb))
-        rep.add([k.numpy() for k in out.kept], res.kept, toks, res.tokens, out.logits.numpy(), res.prefill_logits)
+        rep.add([k.numpy() for k in out.kept], res.kept, toks, res.tokens, out.logits.numpy(), res.prefill_logits, sid)
     return rep
+
+
+def misses_line(misses: list[dict], limit: int = 5) -> str:
+    """`samples missing parity: test-00077 (SQNR 20.59 dB), test-00082 (stage 2 kept indices) ...`."""
+    def one(m):
+        what = [f"stage {', '.join(map(str, m['stages']))} kept indices"] if m["stages"] else []
+        what += [] if m["answer"] else ["answer"]
+        sq = m["sqnr_db"]
+        if sq != "inf" and sq < THRESHOLDS["logits_sqnr_db_min"]:
+            what.append(f"SQNR {sq} dB")
+        return f"{m['id']} ({', '.join(what)})"
+    more = f" and {len(misses) - limit} more" if len(misses) > limit else ""
+    return "samples missing parity: " + ", ".join(one(m) for m in misses[:limit]) + more
 
 
 def summary_line(d: dict, source: str | None = None) -> str:

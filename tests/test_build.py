@@ -255,3 +255,21 @@ def test_run_cli_prints_answer(built, capsys):
     assert rc == 0, cap.err
     want = OrtRunner(res.out, threads=1).generate(load_image(s), s.question).text
     assert want and cap.out == want + "\n"
+
+
+def test_parity_report_names_the_samples_that_miss():
+    from quota_export.verify import ParityReport, misses_line
+
+    rep = ParityReport()
+    logits = np.linspace(-1, 1, 16, dtype=np.float32)[None]
+    same = [np.array([[0, 2, 3]])]
+    rep.add(same, same, [5, 2], [5, 2], logits, logits, "ok-1")
+    rep.add(same, [np.array([[0, 1, 3]])], [5, 2], [5, 2], logits, logits + 1e-6, "kept-flip")
+    rep.add(same, same, [5, 2], [5, 7], logits, logits + 0.5, "answer-and-sqnr")
+    d = rep.as_dict()
+    assert [m["id"] for m in d["failing_samples"]] == ["kept-flip", "answer-and-sqnr"]
+    assert d["failing_samples"][0]["stages"] == [0] and d["failing_samples"][0]["answer"]
+    assert not d["failing_samples"][1]["answer"] and d["failing_samples"][1]["sqnr_db"] < 40
+    line = misses_line(d["failing_samples"])
+    assert line.startswith("samples missing parity: kept-flip (stage 0 kept indices), answer-and-sqnr (answer, SQNR ")
+    assert misses_line(d["failing_samples"] * 4, limit=5).endswith(" and 3 more")
