@@ -8,14 +8,18 @@ from calib_data.shapes.model import build_tokenizer
 from calib_data.shapes.train import locate, make_example, spatial_drill
 
 
+def _drawn(task, n: int):
+    """(scene, question, answer) of the scenes 0..n-1 that `task(scene, rng)` has a query for."""
+    for seed in range(n):
+        scene = make_scene(seed)
+        r = task(scene, random.Random(seed))
+        if r is not None:
+            yield scene, *r
+
+
 def test_spatial_drill_spells_out_both_places_then_the_relation():
     seen = {"direct": 0, "rationale": 0}
-    for seed in range(300):
-        scene = make_scene(seed)
-        r = spatial_drill(scene, random.Random(seed))
-        if r is None:
-            continue
-        q, a = r
+    for scene, q, a in _drawn(spatial_drill, 300):
         if q.startswith("where is the "):
             seen["direct"] += 1
             assert a in ("left", "right", "above", "below")
@@ -36,12 +40,7 @@ def test_spatial_drill_spells_out_both_places_then_the_relation():
 
 
 def test_locate_answers_the_place_or_no():
-    for seed in range(100):
-        scene = make_scene(seed)
-        r = locate(scene, random.Random(seed))
-        if r is None:
-            continue
-        q, a = r
+    for scene, q, a in _drawn(locate, 100):
         _, color, kind = q.split()
         match = [o for o in scene.objects if o.color == color and o.kind == kind]
         assert a == ("no" if not match else f"row {match[0].row} col {match[0].col}")
