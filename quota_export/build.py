@@ -436,7 +436,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
     fails = rep.failures()
     if fails:
         raise ParityError(
-            f"parity check failed: {tag}{'; '.join(fails)} ({misses_line(rep.misses)}); nothing written to {out} "
+            f"parity check failed: {tag}{'; '.join(fails)} ({misses_line(rep.misses())}); nothing written to {out} "
             "(the graphs disagree with the PyTorch reference: please report this with the recipe)"
         )
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

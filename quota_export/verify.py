@@ -35,8 +35,8 @@ class ParityReport:
     answers_agree: int = 0
     sqnr: list[float] = field(default_factory=list)
     vision_sqnr: list[float] = field(default_factory=list)  # vision.onnx features vs the torch tower
-    # per sample that misses a threshold: {"id", "stages" (disagreeing), "answer" (agrees), "sqnr_db"}
-    misses: list[dict] = field(default_factory=list)
+    # per sample: (id, stages whose kept indices disagree, answer agrees); its SQNR is in `sqnr`
+    records: list[tuple[str, list[int], bool]] = field(default_factory=list)
 
     def add(self, ref_kept, kept, ref_tokens, tokens, ref_logits, logits, sample_id: str | None = None):
         if not self.kept_agree:
@@ -50,11 +50,20 @@ class ParityReport:
                 stages.append(i)
         answer = list(ref_tokens) == list(tokens)
         self.answers_agree += int(answer)
-        sq = sqnr_db(ref_logits, logits)
-        self.sqnr.append(sq)
-        if stages or not answer or sq < THRESHOLDS["logits_sqnr_db_min"]:
-            self.misses.append({"id": sample_id if sample_id is not None else f"#{self.samples - 1}",
-                                "stages": stages, "answer": answer, "sqnr_db": _db(sq)})
+        self.sqnr.append(sqnr_db(ref_logits, logits))
+        self.records.append((sample_id if sample_id is not None else f"#{self.samples - 1}", stages, answer))
+
+    def misses(self, thresholds: dict | None = None) -> list[dict]:
+        """The samples that miss a threshold: {"id", "stages", "answer", "sqnr_db", "why" (phrases)}."""
+        t = {**THRESHOLDS, **(thresholds or {})}
+        out = []
+        for (sid, stages, answer), sq in zip(self.records, self.sqnr):
+            why = [f"stage {', '.join(map(str, stages))} kept indices"] if stages else []
+            why += [] if answer else ["answer"]
+            why += [f"SQNR {sq:.2f} dB"] if sq < t["logits_sqnr_db_min"] else []
+            if why:
+                out.append({"id": sid, "stages": stages, "answer": answer, "sqnr_db": _db(sq), "why": why})
+        return out
 
     def as_dict(self) -> dict:
         """JSON-safe summary (an infinite SQNR - bit-identical logits - is written as "inf")."""
@@ -71,7 +80,7 @@ class ParityReport:
             "logits_sqnr_db_median": round(float(np.median(finite)), 2) if finite else None,
             "logits_sqnr_db": [round(s, 2) if math.isfinite(s) else "inf" for s in self.sqnr],
             "vision_sqnr_db_min": _db(min(self.vision_sqnr)) if self.vision_sqnr else None,
-            "failing_samples": self.misses,
+            "failing_samples": self.misses(),
         }
 
     def sqnr_min(self) -> float | None:
@@ -108,7 +117,7 @@ def compare(runner, deployed, items, max_new_tokens: int, progress: bool = True,
 
     rep = ParityReport()
     items = list(items)
-    ids = list(ids) if ids is not None else [None] * len(items)
+    ids = ids or [None] * len(items)
     for (image, question), sid in tqdm(list(zip(items, ids)), desc="parity", disable=not progress, unit="sample"):
         res = runner.generate(image, question, max_new_tokens)
         prompt = deployed.adapter.prompt(image, question)
@@ -126,16 +135,10 @@ def compare(runner, deployed, items, max_new_tokens: int, progress: bool = True,
 
 
 def misses_line(misses: list[dict], limit: int = 5) -> str:
-    """`samples missing parity: test-00077 (SQNR 20.59 dB), test-00082 (stage 2 kept indices) ...`."""
-    def one(m):
-        what = [f"stage {', '.join(map(str, m['stages']))} kept indices"] if m["stages"] else []
-        what += [] if m["answer"] else ["answer"]
-        sq = m["sqnr_db"]
-        if sq != "inf" and sq < THRESHOLDS["logits_sqnr_db_min"]:
-            what.append(f"SQNR {sq} dB")
-        return f"{m['id']} ({', '.join(what)})"
+    """`samples missing parity: test-00077 (SQNR 20.59 dB), test-00082 (stage 2 kept indices) ...`
+    from `ParityReport.misses()`."""
     more = f" and {len(misses) - limit} more" if len(misses) > limit else ""
-    return "samples missing parity: " + ", ".join(one(m) for m in misses[:limit]) + more
+    return "samples missing parity: " + ", ".join(f"{m['id']} ({', '.join(m['why'])})" for m in misses[:limit]) + more
 
 
 def summary_line(d: dict, source: str | None = None) -> str:
