@@ -55,3 +55,29 @@ def test_training_only_tasks_off_leave_the_data_unchanged():
     # switched on, every word is in the vocabulary (make_example would raise KeyError)
     tasks = {make_example(seed, vocab, locate_frac=0.2, spatial_frac=0.25)[4] for seed in range(200)}
     assert {"locate", "spatial", "caption"} <= tasks
+
+
+def test_prompt_layouts_match_the_saved_chat_templates():
+    """prompt_text (what training feeds) equals what each layout's chat template renders (what
+    every consumer of the saved folder builds), and "twice" puts the question on both sides."""
+    from calib_data.shapes.model import LAYOUTS, build_processor, prompt_text
+
+    tok = build_tokenizer()
+    q = "where is the red circle relative to the blue square ?"
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    for layout in LAYOUTS:
+        text = build_processor(tok, layout).apply_chat_template(msgs, add_generation_prompt=True)
+        assert text.split() == prompt_text(q, layout).split(), layout
+    before, after = prompt_text(q, "twice").split("<image>")
+    assert q in before and q in after
+    assert prompt_text(q, "after").split("<image>")[0].split() == ["USER", ":"]
+
+
+def test_twice_layout_changes_only_the_prompt():
+    vocab = build_tokenizer().get_vocab()
+    for seed in range(20):
+        a = make_example(seed, vocab)
+        b = make_example(seed, vocab, layout="twice")
+        extra = len(b[0]) - len(a[0])
+        assert extra > 0 and b[1] - a[1] == extra  # the question's words, once more, before the image
+        assert a[0][a[1]:] == b[0][b[1]:] and a[4] == b[4] and (a[2] == b[2]).all()

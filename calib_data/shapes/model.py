@@ -6,7 +6,15 @@ with `from_pretrained` / `AutoProcessor.from_pretrained` like any downloaded che
 
 Token layout of a prompt (LLaVA-1.5 style, image inside a chat turn, text before and after):
 
-    <s> USER : <image>x144 {question words} ASSISTANT :  -> answer </s>
+    layout "after"  (training steps before the switch, the step-2000 snapshot):
+        <s> USER : <image>x144 {question words} ASSISTANT :  -> answer </s>
+    layout "twice"  (from the switch on, the model trained further):
+        <s> USER : {question words} <image>x144 {question words} ASSISTANT :  -> answer </s>
+
+With "twice" the question also comes before the image, so the visual tokens (which causal
+attention lets see only what precedes them) can condition on it; the copy after the image is
+where LLaVA puts the instruction, and the text the pruning signals attend from. The layout is
+the chat template saved in the model folder, so every consumer builds prompts from the folder.
 """
 
 from __future__ import annotations
@@ -27,8 +35,24 @@ CHAT_TEMPLATE = (
 )
 
 
-def prompt_text(question: str) -> str:
-    """The prompt string the processor expands (one `<image>` placeholder)."""
+# the question twice: every text part of the user turn first, then the turn's content in order
+CHAT_TEMPLATE_TWICE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER : "
+    "{% for c in m['content'] %}{% if c['type'] != 'image' %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} "
+    "{% endif %}{% endfor %}{% else %}ASSISTANT : {{ m['content'][0]['text'] }} </s> {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+)
+LAYOUTS = {"after": CHAT_TEMPLATE, "twice": CHAT_TEMPLATE_TWICE}
+
+
+def prompt_text(question: str, layout: str = "after") -> str:
+    """The prompt string the processor expands (one `<image>` placeholder), as the layout's chat
+    template renders it for one image followed by the question."""
+    if layout == "twice":
+        return f"USER : {question} <image> {question} ASSISTANT :"
+    if layout != "after":
+        raise ValueError(f"unknown prompt layout {layout!r}")
     return f"USER : <image> {question} ASSISTANT :"
 
 
@@ -55,7 +79,7 @@ def build_tokenizer():
     return fast
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, layout: str = "after"):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     ip = CLIPImageProcessor(
@@ -75,7 +99,7 @@ def build_processor(tokenizer):
         patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=LAYOUTS[layout],
     )
 
 
