@@ -14,7 +14,7 @@ budget, or one per budget in the order of --budgets):
   split);
   each stage-wise baseline (pruning scored on the FP model, replayed in the quantized model) with
   RTN weights and with GPTQ calibrated on full, unpruned streams (<scheme>-gptq);
-  ablations: QUOTA without magnitude / attention / risk (the calibration search with that
+  ablations: QUOTA without magnitude / attention / risk / diversity (the calibration search with that
   signal's score weight fixed at 0: calibrate(signals=...)), RTN weights; and QUOTA's schedule
   with stage-wise quantizer calibration (the QUOTA schedule, GPTQ weights calibrated on full
   streams, i.e. the same weights as <scheme>-gptq).
@@ -37,8 +37,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quota_export.recipe import SIGNALS  # noqa: E402  (after the sys.path line above)
+
 BASELINES = ("fastv", "pdrop", "sparsevlm", "divprune", "random")
-SIGNALS = ("magnitude", "attention", "risk")
+
+
+def _weights(st) -> str:
+    """(m, a, r, d) = the stage's score weights."""
+    w = st.weights
+    return f"({w.magnitude:g}, {w.attention:g}, {w.risk:g}, {w.diversity:g})"
 
 
 def _f(x, nd=3):
@@ -208,8 +215,7 @@ def _run(a, model_arg, progress, t_start) -> int:
             rr = _rtn_recipe(rg).model_copy(update={"name": f"bench-quota-{tag}"})
             save_recipe(rr, rec_dir / f"bench-quota-{tag}.yaml")
             sched = ", ".join(f"L{s.layer}:{s.keep}" for s in rr.pruning.stages)
-            wts = "; ".join(f"L{s.layer} (m, a, r) = ({s.weights.magnitude:g}, {s.weights.attention:g}, "
-                            f"{s.weights.risk:g})" for s in rr.pruning.stages)
+            wts = "; ".join(f"L{s.layer} (m, a, r, d) = {_weights(s)}" for s in rr.pruning.stages)
 
             say(f"[{tag}] reference rows ...")
             fp, fp_s = once(n, "fp", lambda: h.evaluate("fp"))
@@ -247,8 +253,7 @@ def _run(a, model_arg, progress, t_start) -> int:
                     rows.append(row(f"ablation: QUOTA without {drop} (RTN)", m, s))
                     abl_notes.append(
                         f"without {drop}: schedule " + ", ".join(
-                            f"L{st.layer}:{st.keep} ({st.weights.magnitude:g}, {st.weights.attention:g}, "
-                            f"{st.weights.risk:g})" for st in ra.pruning.stages)
+                            f"L{st.layer}:{st.keep} {_weights(st)}" for st in ra.pruning.stages)
                         + f", divergence {resa.divergence:.4g}, {ca_s:.0f} s")
                 say(f"[{tag}] ablation: QUOTA schedule + GPTQ on full streams ...")
 

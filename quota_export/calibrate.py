@@ -5,8 +5,8 @@ scheme, RTN weights), prefill only:
 
     samples --prompt/embed--> h_0 --quantized unpruned prefill--> h_l (input of every layer l),
                                                                   p_ref = softmax(logits)   (cached)
-    candidate = stages [(layer, keep, (w_m, w_a, w_r))]
-    stage j: signals (magnitude, attention, risk) = Deployed.signals on the stream stage j sees
+    candidate = stages [(layer, keep, (w_m, w_a, w_r, w_d))]
+    stage j: signals (magnitude, attention, risk, diversity) = Deployed.signals on the stream stage j sees
              (stages < j applied); sigma_j = their std over all calibration visual tokens
              present there (SIG_DIGITS significant digits; 1 for a constant signal)
     D(candidate) = mean over samples of KL(p_ref || p_pruned)  at the first answer position
@@ -21,8 +21,8 @@ scheme, RTN weights), prefill only:
 Ablations: `signals` (default all of SIGNALS) restricts which signals may get a non-zero weight.
 The weight grid is then `weight_grid(signals)`: W_GRID with the other signals' weights set to 0,
 vectors that become all-zero dropped, duplicates dropped (order kept); phase A uses its first
-vector instead of attention-only. With all three signals it is W_GRID itself, so default
-recipes are unchanged byte for byte; a restricted run says so in `calibration.notes`.
+vector instead of attention-only. With all four signals it is W_GRID itself; a restricted run
+says so in `calibration.notes`.
 
 A candidate is run from its first stage layer on the cached h_l, and within one batch of
 candidates, states and signals shared by a common stage prefix are computed once. The fast
@@ -48,19 +48,26 @@ import torch
 
 from quota_export import UserError, __version__
 from quota_export.prune.schedule import budget_cap, geometric_keeps, total_kept  # noqa: F401
+from quota_export.recipe import SIGNALS  # the order of a weight vector's entries
 
-# (w_m, w_a, w_r): attention-only first, so that ties keep the simplest scorer
-W_GRID: tuple[tuple[float, float, float], ...] = (
-    (0.0, 1.0, 0.0),
-    (0.5, 1.0, 0.0),
-    (1.0, 1.0, 0.0),
-    (0.0, 1.0, 0.5),
-    (0.0, 1.0, 1.0),
-    (0.5, 1.0, 0.5),
-    (1.0, 1.0, 1.0),
-    (1.0, 0.0, 0.0),
+# (w_m, w_a, w_r, w_d): attention-only first, so that ties keep the simplest scorer; the
+# vectors with a diversity weight come last, so that ties keep the earlier three-signal scorers
+W_GRID: tuple[tuple[float, float, float, float], ...] = (
+    (0.0, 1.0, 0.0, 0.0),
+    (0.5, 1.0, 0.0, 0.0),
+    (1.0, 1.0, 0.0, 0.0),
+    (0.0, 1.0, 0.5, 0.0),
+    (0.0, 1.0, 1.0, 0.0),
+    (0.5, 1.0, 0.5, 0.0),
+    (1.0, 1.0, 1.0, 0.0),
+    (1.0, 0.0, 0.0, 0.0),
+    (0.0, 1.0, 0.0, 0.5),
+    (0.0, 1.0, 0.0, 1.0),
+    (0.0, 1.0, 0.0, 2.0),
+    (0.5, 1.0, 0.0, 1.0),
+    (0.0, 1.0, 0.5, 1.0),
+    (0.0, 0.0, 0.0, 1.0),
 )
-SIGNALS = ("magnitude", "attention", "risk")  # the order of the weight vectors
 R_SHAPES = (0.6, 0.35)  # decay ratios of the shape search (stages >= 2)
 R_FINE = (0.8, 0.7, 0.6, 0.5, 0.35, 0.25)  # decay ratios tried in phase C
 MAX_STAGES = 3
@@ -72,15 +79,15 @@ def _sig(x: float, digits: int = SIG_DIGITS) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def weight_grid(signals=SIGNALS) -> tuple[tuple[float, float, float], ...]:
+def weight_grid(signals=SIGNALS) -> tuple[tuple[float, float, float, float], ...]:
     """W_GRID restricted to `signals` (the others' weights fixed at 0; all-zero vectors and
-    duplicates dropped, order kept). All three signals -> W_GRID unchanged."""
+    duplicates dropped, order kept). All four signals -> W_GRID unchanged."""
     sig = tuple(signals)
     bad = [x for x in sig if x not in SIGNALS]
     if bad or not sig:
         raise UserError(f"--signals: {', '.join(bad) or 'none given'}: choose from {', '.join(SIGNALS)}")
     on = [name in sig for name in SIGNALS]
-    out: list[tuple[float, float, float]] = []
+    out: list[tuple[float, float, float, float]] = []
     for w in W_GRID:
         r = tuple(float(x) if on[i] else 0.0 for i, x in enumerate(w))
         if sum(r) > 0 and r not in out:
@@ -166,16 +173,16 @@ class _Entry:
     signals the stage scores there and their calibration statistics."""
 
     states: list[tuple]  # per sample (h, pos, n)
-    signals: list[tuple]  # per sample (mag, att, risk), each [1, n]
-    sigma: tuple[float, float, float]  # std over all samples' tokens, SIG_DIGITS digits (1 if constant)
-    constant: tuple[bool, bool, bool]  # which signals are constant (their weight is irrelevant)
+    signals: list[tuple]  # per sample (mag, att, risk, div), each [1, n]
+    sigma: tuple[float, ...]  # per signal: std over all samples' tokens, SIG_DIGITS digits (1 if constant)
+    constant: tuple[bool, ...]  # which signals are constant (their weight is irrelevant)
 
 
-def combine(st, mag, att, risk):
+def combine(st, *signals):
     """The stage score exactly as the reference (and the graphs) compute it."""
     from quota_export.reference import stage_score
 
-    return stage_score(st, mag, att, risk)
+    return stage_score(st, *signals)
 
 
 def kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
@@ -186,7 +193,7 @@ def kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
 
 def _stats(signals: list[tuple]):
     sigma, const = [], []
-    for k in range(3):
+    for k in range(len(SIGNALS)):
         x = torch.cat([s[k].flatten() for s in signals]).double()
         sd = float(x.std()) if x.numel() > 1 else 0.0
         c = not sd > 1e-12 * max(1.0, float(x.abs().max()) if x.numel() else 1.0)
@@ -264,7 +271,7 @@ class Evaluator:
             h, _ = self.dep.layer(l, h, pos, pre if l == layer else None)
         return h, pos, keep
 
-    def stage_sigmas(self, cand: tuple) -> list[tuple[float, float, float]]:
+    def stage_sigmas(self, cand: tuple) -> list[tuple[float, ...]]:
         """The sigma of each stage of a candidate (measured on the stream that stage sees)."""
         out = []
         for j, st in enumerate(cand):
@@ -274,7 +281,7 @@ class Evaluator:
             out.append(self.sigma_cache[key][0])
         return out
 
-    def constant(self, prefix: tuple, layer: int) -> tuple[bool, bool, bool]:
+    def constant(self, prefix: tuple, layer: int) -> tuple[bool, ...]:
         key = (prefix, layer)
         if key not in self.sigma_cache:
             self._entry(prefix, layer, {})
@@ -307,8 +314,8 @@ class Evaluator:
 
 @dataclass
 class SearchResult:
-    stages: tuple  # of (layer, keep, (w_m, w_a, w_r))
-    sigmas: list  # per stage (sigma_m, sigma_a, sigma_r)
+    stages: tuple  # of (layer, keep, (w_m, w_a, w_r, w_d))
+    sigmas: list  # per stage (sigma_m, sigma_a, sigma_r, sigma_d)
     divergence: float
     naive_divergence: float
     evals: int
@@ -345,7 +352,7 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
         const = ev.constant(cand[:j], cand[j][0])
         seen, out = set(), []
         for w in grid:
-            eff = tuple(0.0 if const[i] else w[i] for i in range(3))
+            eff = tuple(0.0 if const[i] else w[i] for i in range(len(SIGNALS)))
             if sum(eff) == 0 or eff in seen:
                 continue
             seen.add(eff)
@@ -408,8 +415,8 @@ def calibrate(model: str | Path, data: str | Path, budget: float, scheme: str = 
               weights: str = "rtn", signals=SIGNALS):
     """Run QUOTA; returns (Recipe, SearchResult).
 
-    `signals`: which of magnitude/attention/risk may get a non-zero score weight (ablations;
-    default all three, the full method).
+    `signals`: which of magnitude/attention/risk/diversity may get a non-zero score weight
+    (ablations; default all four, the full method).
 
     Same model, data, budget, scheme, samples and seed -> the same recipe bytes: the search has
     no randomness but the seeded sample choice, ties go to the earlier candidate, measured
@@ -479,8 +486,8 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
     ev = Evaluator(dep, prompts, progress)
     res = search(ev, float(budget), progress, signals)
     stages = [
-        Stage(layer=l, keep=k, fraction=_sig(k / N), weights=ScoreWeights(magnitude=w[0], attention=w[1], risk=w[2]),
-              sigma=ScoreSigma(magnitude=s[0], attention=s[1], risk=s[2]))
+        Stage(layer=l, keep=k, fraction=_sig(k / N),
+              weights=ScoreWeights(**dict(zip(SIGNALS, w))), sigma=ScoreSigma(**dict(zip(SIGNALS, s))))
         for (l, k, w), s in zip(res.stages, res.sigmas)
     ]
     recipe = Recipe(

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from quota_export.__main__ import _progress, args, command
+from quota_export.recipe import SIGNALS
 
 
 def _calibrate_args(p):
@@ -17,9 +18,8 @@ def _calibrate_args(p):
     p.add_argument("--weights", choices=["rtn", "gptq"], default="rtn",
                    help="weight quantization (default rtn); gptq is calibrated on the pruned model's token streams "
                         "and written beside the recipe as <recipe stem>.weights.safetensors")
-    p.add_argument("--signals", nargs="+", choices=["magnitude", "attention", "risk"],
-                   default=["magnitude", "attention", "risk"],
-                   help="ablation: the score signals that may get a non-zero weight (default all three)")
+    p.add_argument("--signals", nargs="+", choices=list(SIGNALS), default=list(SIGNALS),
+                   help="ablation: the score signals that may get a non-zero weight (default all four)")
     p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
     p.add_argument("--name", help="recipe name (default <model>-quota-<scheme>-b<budget>)")

@@ -234,13 +234,18 @@ class Quant(BaseModel):
 # ---------------------------------------------------------------- pruning
 
 
+SIGNALS = ("magnitude", "attention", "risk", "diversity")  # the pruning score's signals, in this order
+
+
 class ScoreWeights(BaseModel):
-    """Per-stage score weights: s = w_m m/sigma_m + w_a a/sigma_a - w_r r/sigma_r (each >= 0)."""
+    """Per-stage score weights: s = w_m m/sigma_m + w_a a/sigma_a - w_r r/sigma_r + w_d d/sigma_d
+    (each >= 0; DESIGN §4: magnitude, attention, low-bit risk, diversity)."""
 
     model_config = _CONFIG
     magnitude: float = Field(0.0, ge=0)
     attention: float = Field(1.0, ge=0)
     risk: float = Field(0.0, ge=0)
+    diversity: float = Field(0.0, ge=0)
 
 
 class ScoreSigma(BaseModel):
@@ -250,6 +255,7 @@ class ScoreSigma(BaseModel):
     magnitude: float = Field(1.0, gt=0)
     attention: float = Field(1.0, gt=0)
     risk: float = Field(1.0, gt=0)
+    diversity: float = Field(1.0, gt=0)
 
 
 class Stage(BaseModel):

@@ -44,8 +44,8 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 class StageCfg:
     layer: int
     keep: int
-    w: tuple[float, float, float]  # magnitude, attention, risk
-    sigma: tuple[float, float, float]
+    w: tuple[float, float, float, float]  # magnitude, attention, risk, diversity
+    sigma: tuple[float, float, float, float]
 
 
 @dataclass
@@ -96,8 +96,8 @@ class DeployConfig:
                 StageCfg(
                     s.layer,
                     k,
-                    (s.weights.magnitude, s.weights.attention, s.weights.risk),
-                    (s.sigma.magnitude, s.sigma.attention, s.sigma.risk),
+                    (s.weights.magnitude, s.weights.attention, s.weights.risk, s.weights.diversity),
+                    (s.sigma.magnitude, s.sigma.attention, s.sigma.risk, s.sigma.diversity),
                 )
                 for s, k in zip(recipe.pruning.stages, keeps)
             ],
@@ -158,15 +158,20 @@ def decode_position(p: int, prompt_pos: torch.Tensor) -> torch.Tensor:
     return torch.tensor([[p]])
 
 
-def stage_score(stage: StageCfg, mag, att, risk):
-    """s = w_m m/σ_m + w_a a/σ_a - w_r r/σ_r, on a grid of 2^-SCORE_GRID_BITS.
+def stage_score(stage: StageCfg, mag, att, risk, div):
+    """s = w_m m/σ_m + w_a a/σ_a - w_r r/σ_r + w_d d/σ_d, on a grid of 2^-SCORE_GRID_BITS.
 
     Tokens closer than the grid tie exactly and the lower index wins, so float noise (different
     summation orders in the graphs) cannot reorder near-identical tokens (e.g. background
     patches); only a token sitting on a grid boundary can move. Multiplying by 2^b is exact."""
-    (wm, wa, wr), (sm, sa, sr) = stage.w, stage.sigma
-    s = (wm / sm) * mag + (wa / sa) * att - (wr / sr) * risk
+    (wm, wa, wr, wd), (sm, sa, sr, sd) = stage.w, stage.sigma
+    s = (wm / sm) * mag + (wa / sa) * att - (wr / sr) * risk + (wd / sd) * div
     return torch.round(s * float(2**SCORE_GRID_BITS)).float()
+
+
+def _not_earlier(n: int) -> torch.Tensor:
+    """[n, n] bool: True where j >= i (the pairs the diversity signal does not compare)."""
+    return torch.ones(n, n, dtype=torch.bool).triu()
 
 
 def rmsnorm(x, weight, eps, hp=torch.float32):
@@ -334,12 +339,22 @@ class Deployed:
 
     # ------------------------------------------------------------ scoring
     def signals(self, layer: int, h, pos, start: int, n: int):
-        """Per visual token: magnitude, attention from the text after the span, low-bit risk."""
+        """Per visual token [1, n] each: magnitude, attention from the text after the span, low-bit
+        risk, diversity (DESIGN §4).
+
+        diversity d_i = 1 - max_{j<i} cos(x_i, x_j) over the visual tokens present before it (in
+        their original order), x = the layer's residual input; the first token, with nothing
+        before it, gets 2. A token that repeats an earlier one scores 0: among near-duplicates
+        (e.g. background patches) the first is kept and the rest are cheap to drop, which is what
+        the max-min selection of DivPrune achieves greedily, here as a static per-token score."""
         xn, (xq, xs), q, kd, vd, k, v, _, _ = self.qkv(layer, h, pos)
         x = xq if xs is None else xq * xs  # the dequantized input
         vis = slice(start, start + n)
         hv = h[:, vis].to(self.hp)
         mag = (hv * hv).sum(-1).sqrt()  # [1, n]
+        u = hv / mag.clamp_min(1e-12)[..., None]
+        cs = (u @ u.transpose(-1, -2)).masked_fill(_not_earlier(n), -1.0)  # [1, n, n], j >= i masked
+        div = 1.0 - cs.amax(dim=-1)
         T = h.shape[1]
         qt = q[:, :, start + n : T]  # instruction (text) queries after the image
         p, _ = self.attend(qt, kd, vd, causal_offset=start + n)
@@ -354,7 +369,7 @@ class Deployed:
                 num = (dd * dd).sum(dim=(1, 3)).sqrt()
                 den = (b * b).sum(dim=(1, 3)).sqrt().clamp_min(1e-12)
                 risk = risk + num / den
-        return mag, att, risk
+        return mag, att, risk, div
 
     def score(self, stage, layer, h, pos, start, n):
         return stage_score(stage, *self.signals(layer, h, pos, start, n))

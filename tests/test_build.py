@@ -24,8 +24,8 @@ TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 SAMPLES = 12
 HEAD_DIM = 16  # hidden 64 / 4 heads in make_tiny_llava
 
-S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0},
-              "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0}}
+S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0, "diversity": 1.0},
+              "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0, "diversity": 0.5}}
 
 # name -> (model fixture, quant section, stages, budget)
 CONFIGS = {

@@ -98,8 +98,8 @@ def test_fast_path_equals_reference_prefill(tiny_llava):
     dep = Deployed(ad, DeployConfig(w_bits=4, a_bits=4, kv_bits=4, targets=list(DEFAULT_TARGETS)))
     prompts = [ad.prompt(load_image(s), s.question) for s in load_bench(DATA, limit=2)]
     ev = Evaluator(dep, prompts)
-    cand = ((1, 40, (0.5, 1.0, 0.5)), (2, 20, (1.0, 1.0, 1.0)), (3, 7, (0.0, 1.0, 0.0)))
-    other = cand[:2] + ((3, 9, (1.0, 0.0, 0.0)),)
+    cand = ((1, 40, (0.5, 1.0, 0.5, 1.0)), (2, 20, (1.0, 1.0, 1.0, 0.0)), (3, 7, (0.0, 1.0, 0.0, 2.0)))
+    other = cand[:2] + ((3, 9, (1.0, 0.0, 0.0, 0.0)),)
     d_other, d = ev.divergence([other, cand])  # one batch: `cand` reuses `other`'s prefix
     sig = ev.stage_sigmas(cand)
     assert sig[:2] == ev.stage_sigmas(other)[:2]
@@ -113,7 +113,7 @@ def test_fast_path_equals_reference_prefill(tiny_llava):
         tot += kl(smp.ref_logp, out.logits)
     assert tot / len(prompts) == d  # bit for bit
     # sigma of stage 2 is measured on the stream after stage 1 (not the unpruned one)
-    unpruned = ev.stage_sigmas(((2, 20, (0.0, 1.0, 0.0)),))[0]
+    unpruned = ev.stage_sigmas(((2, 20, (0.0, 1.0, 0.0, 0.0)),))[0]
     assert unpruned != sig[1]
 
 
@@ -159,17 +159,18 @@ def test_weight_grid_default_is_w_grid_and_restriction_zeroes():
     for i, name in enumerate(SIGNALS):
         g = weight_grid(tuple(s for s in SIGNALS if s != name))
         assert g and all(w[i] == 0.0 and sum(w) > 0 for w in g) and len(set(g)) == len(g)
-    assert weight_grid(("attention",)) == ((0.0, 1.0, 0.0),)
+    assert weight_grid(("attention",)) == ((0.0, 1.0, 0.0, 0.0),)
+    assert weight_grid(("diversity",)) == ((0.0, 0.0, 0.0, 0.5), (0.0, 0.0, 0.0, 1.0), (0.0, 0.0, 0.0, 2.0))
     with pytest.raises(UserError, match="--signals: colour"):
         weight_grid(("colour",))
 
 
 def test_signals_ablation_zero_weight_and_default_unchanged(calibrated, tiny_llava, tmp_path):
-    """signals without attention -> every stage's attention weight is 0; all three signals given
+    """signals without attention -> every stage's attention weight is 0; all four signals given
     explicitly -> the default recipe, byte for byte."""
     (a, _), _ = calibrated
     r, _ = calibrate(tiny_llava, DATA, 0.3, "w4a4kv4", SAMPLES, seed=3, name="tiny-q",
-                     signals=("magnitude", "attention", "risk"))
+                     signals=("magnitude", "attention", "risk", "diversity"))
     save_recipe(r, tmp_path / "explicit.yaml")
     assert (tmp_path / "explicit.yaml").read_bytes() == a.read_bytes()
     r, _ = calibrate(tiny_llava, DATA, 0.3, "w4a4kv4", SAMPLES, seed=3, name="tiny-q",

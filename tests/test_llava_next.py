@@ -90,8 +90,8 @@ def test_vision_graph_matches_tower(adapter, samples):
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-4)
 
 
-S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0},
-              "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0}}
+S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0, "diversity": 1.0},
+              "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0, "diversity": 0.5}}
 
 
 def test_build_parity(tiny_llava_next, tmp_path):

@@ -128,8 +128,8 @@ def test_default_ignore_does_not_fit_qwen(tiny_qwen2_vl, tmp_path):
                                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 
 
-S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0},
-              "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0}}
+S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0, "diversity": 1.0},
+              "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0, "diversity": 0.5}}
 
 
 def test_build_parity(tiny_qwen2_vl, tmp_path):

@@ -31,7 +31,8 @@ def tiny128(tmp_path_factory):
 def deployed(adapter, kv_bits=4):
     cfg = DeployConfig(
         w_bits=4, w_group=64, targets=TARGETS, ignore=["lm_head"], a_bits=4, kv_bits=kv_bits,
-        stages=[StageCfg(1, 72, (0.0, 1.0, 0.0), (1.0, 1.0, 1.0)), StageCfg(3, 20, (1.0, 1.0, 1.0), (10.0, 0.01, 1.0))],
+        stages=[StageCfg(1, 72, (0.0, 1.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0)),
+                StageCfg(3, 20, (1.0, 1.0, 1.0, 1.0), (10.0, 0.01, 1.0, 0.5))],
     )  # fmt: skip
     return Deployed(adapter, cfg)
 

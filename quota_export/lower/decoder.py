@@ -328,7 +328,7 @@ class DecoderLowering:
     def stage(self, g: Graph, si: int, st, l: int, h, pos, orig, n: int):
         """Score the n visual tokens at [start, start+n), keep the top st.keep (ascending).
 
-            h ─┬─ signals(magnitude, attention, risk) ─ weighted sum = scores [1,n]
+            h ─┬─ signals(magnitude, attention, risk, diversity) ─ weighted sum = scores [1,n]
                │   TopK(k, largest, sorted: lower index wins ties) -> idx -> TopK(idx, smallest) = ascending
                └─ Concat(h[:, :s], Gather(h[:, s:s+n], idx), h[:, s+n:])   (same for position ids)
         """
@@ -342,12 +342,18 @@ class DecoderLowering:
             sl = lambda t, a, b, axis: g.op("Slice", [t, self.ax(g, [a]), self.ax(g, [b]), self.ax(g, [axis])])
             hv = self.to_hp(g, sl(h, s0, s0 + n, 1))
             mag = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [hv, hv]), self.ax(g, [-1])], keepdims=0)], name="magnitude")
+            # diversity: 1 - max_{j<i} cos(h_i, h_j)   (Where masks j >= i with -1; the first token gets 2)
+            u = g.op("Div", [hv, g.op("Unsqueeze", [g.op("Max", [mag, self.hc(g, 1e-12)]), self.ax(g, [-1])])], name="unit")
+            cs = g.op("MatMul", [u, g.op("Transpose", [u], perm=[0, 2, 1])], name="cosine")
+            later = g.const(np.triu(np.ones((n, n), bool)), np.bool_)
+            cs = g.op("Where", [later, self.hc(g, -1.0), cs], name="cosine_earlier")
+            div = g.op("Sub", [self.hc(g, 1.0), g.op("ReduceMax", [cs, self.ax(g, [-1])], keepdims=0)], name="diversity")
             qt = sl(q, s0 + n, 1 << 30, 2)
             p, _ = self.attend(g, qt, kd, vd, s0 + n, "score_attn")
             pv = sl(p, s0, s0 + n, 3)
             att = g.op("ReduceMean", [pv, self.ax(g, [1, 2])], keepdims=0, name="attention")
             score = None
-            (wm, wa, wr), (sm, sa, sr) = st.w, st.sigma
+            (wm, wa, wr, wd), (sm, sa, sr, sd) = st.w, st.sigma
             terms = []
             if True:  # risk is computed even at weight 0, as the reference does
                 xv = sl(xn, s0, s0 + n, 1)
@@ -367,7 +373,8 @@ class DecoderLowering:
                         dn = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [b, b]), self.ax(g, [1, 3])], keepdims=0)])
                         risk = g.op("Add", [risk, g.op("Div", [nn, g.op("Max", [dn, self.hc(g, 1e-12)])])], name=f"risk_{nm}")
             score = g.op("Add", [g.op("Mul", [self.hc(g, wm / sm), mag]), g.op("Mul", [self.hc(g, wa / sa), att])])
-            score = g.op("Sub", [score, g.op("Mul", [self.hc(g, wr / sr), risk])], name="score_raw")
+            score = g.op("Sub", [score, g.op("Mul", [self.hc(g, wr / sr), risk])])
+            score = g.op("Add", [score, g.op("Mul", [self.hc(g, wd / sd), div])], name="score_raw")
             score = g.op("Round", [g.op("Mul", [score, self.hc(g, float(2**SCORE_GRID_BITS))])])
             score = g.op("Cast", [score], to=FLOAT, name="score")
             prefix = f"/model/layers.{l}/prune/gather"

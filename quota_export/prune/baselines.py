@@ -148,7 +148,7 @@ class Selector:
 def stage_cfgs(sched: list[tuple[int, int]]):
     from quota_export.reference import StageCfg
 
-    return [StageCfg(l, k, (0.0, 1.0, 0.0), (1.0, 1.0, 1.0)) for l, k in sched]
+    return [StageCfg(l, k, (0.0, 1.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0)) for l, k in sched]
 
 
 def restaged(dep, sched: list[tuple[int, int]]):
