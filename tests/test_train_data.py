@@ -81,3 +81,27 @@ def test_twice_layout_changes_only_the_prompt():
         extra = len(b[0]) - len(a[0])
         assert extra > 0 and b[1] - a[1] == extra  # the question's words, once more, before the image
         assert a[0][a[1]:] == b[0][b[1]:] and a[4] == b[4] and (a[2] == b[2]).all()
+
+
+def test_slot_layout_puts_the_image_at_one_position():
+    """Layout "slot": the image starts at the same token for every question of the shipped splits
+    (the exported graphs take it at one fixed position), and the question is on both sides."""
+    import json
+    from pathlib import Path
+
+    from calib_data.shapes.model import QUESTION_SLOT, build_processor
+
+    root = Path(__file__).resolve().parents[1] / "calib_data" / "shapes"
+    tok = build_tokenizer()
+    proc = build_processor(tok, "slot")
+    image_id = tok.get_vocab()["<image>"]
+    starts = set()
+    for split in ("test.jsonl", "calib.jsonl"):
+        for line in (root / split).read_text().splitlines()[:300]:
+            q = json.loads(line)["question"]
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+            ids = tok(proc.apply_chat_template(msgs, add_generation_prompt=True))["input_ids"]
+            starts.add(ids.index(image_id))
+            text = tok.decode(ids)
+            assert text.count(q) == 2, text
+    assert starts == {3 + QUESTION_SLOT}

@@ -8,13 +8,19 @@ Token layout of a prompt (LLaVA-1.5 style, image inside a chat turn, text before
 
     layout "after"  (training steps before the switch, the step-2000 snapshot):
         <s> USER : <image>x144 {question words} ASSISTANT :  -> answer </s>
-    layout "twice"  (from the switch on, the model trained further):
+    layout "twice"  (training steps 13000-16499):
         <s> USER : {question words} <image>x144 {question words} ASSISTANT :  -> answer </s>
+    layout "slot"   (from step 16500 on):
+        <s> USER : <pad>x(24 - w) {question words} <image>x144 {question words} ASSISTANT :  -> answer </s>
+        (w = the question's word count, at most QUESTION_SLOT = 24)
 
 With "twice" the question also comes before the image, so the visual tokens (which causal
 attention lets see only what precedes them) can condition on it; the copy after the image is
-where LLaVA puts the instruction, and the text the pruning signals attend from. The layout is
-the chat template saved in the model folder, so every consumer builds prompts from the folder.
+where LLaVA puts the instruction, and the text the pruning signals attend from. "twice" moves
+the image with the question's length, and the exported graphs take the image at one fixed
+position (`model.visual_start` in the manifest): "slot" pads the copy before the image to a fixed
+QUESTION_SLOT words, so the image always starts at token 27. The layout is the chat template
+saved in the model folder, so every consumer builds prompts from the folder.
 """
 
 from __future__ import annotations
@@ -43,7 +49,19 @@ CHAT_TEMPLATE_TWICE = (
     "{% endif %}{% endfor %}{% else %}ASSISTANT : {{ m['content'][0]['text'] }} </s> {% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
 )
-LAYOUTS = {"after": CHAT_TEMPLATE, "twice": CHAT_TEMPLATE_TWICE}
+QUESTION_SLOT = 24  # words; the longest shipped question has 19
+# as "twice", with the copy before the image left-padded with <pad> to QUESTION_SLOT words (the
+# word-level tokenizer makes a word one token), so the image starts at a fixed position
+CHAT_TEMPLATE_SLOT = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER : "
+    "{% for c in m['content'] %}{% if c['type'] != 'image' %}"
+    "{% for _ in range(" + str(QUESTION_SLOT) + " - c['text'].split()|length) %}<pad> {% endfor %}"
+    "{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} "
+    "{% endif %}{% endfor %}{% else %}ASSISTANT : {{ m['content'][0]['text'] }} </s> {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+)
+LAYOUTS = {"after": CHAT_TEMPLATE, "twice": CHAT_TEMPLATE_TWICE, "slot": CHAT_TEMPLATE_SLOT}
 
 
 def prompt_text(question: str, layout: str = "after") -> str:
@@ -51,6 +69,9 @@ def prompt_text(question: str, layout: str = "after") -> str:
     template renders it for one image followed by the question."""
     if layout == "twice":
         return f"USER : {question} <image> {question} ASSISTANT :"
+    if layout == "slot":
+        pads = "<pad> " * max(0, QUESTION_SLOT - len(question.split()))
+        return f"USER : {pads}{question} <image> {question} ASSISTANT :"
     if layout != "after":
         raise ValueError(f"unknown prompt layout {layout!r}")
     return f"USER : <image> {question} ASSISTANT :"
