@@ -343,18 +343,23 @@ class Deployed:
         risk, diversity (DESIGN §4).
 
         diversity d_i = 1 - max_{j<i} cos(x_i, x_j) over the visual tokens present before it (in
-        their original order), x = the layer's residual input; the first token, with nothing
-        before it, gets 2. A token that repeats an earlier one scores 0: among near-duplicates
-        (e.g. background patches) the first is kept and the rest are cheap to drop, which is what
-        the max-min selection of DivPrune achieves greedily, here as a static per-token score."""
+        their original order), x = the attention block's input as the deployed model sees it: the
+        integer codes of its low-bit activation quantizer (else the normed input). The first
+        token, with nothing before it, gets 2. A token that repeats an earlier one scores 0: among
+        near-duplicates (e.g. background patches) the first is kept and the rest are cheap to
+        drop, which is what the max-min selection of DivPrune achieves greedily, here as a static
+        per-token score. cos = (x_i . x_j) / |x_i| / |x_j|: on integer codes every dot product
+        is an exact integer (4-bit codes: below 2^24 up to 2^18 features), so the signal is the
+        same bits in fp32 and fp64 and in any summation order."""
         xn, (xq, xs), q, kd, vd, k, v, _, _ = self.qkv(layer, h, pos)
         x = xq if xs is None else xq * xs  # the dequantized input
         vis = slice(start, start + n)
         hv = h[:, vis].to(self.hp)
         mag = (hv * hv).sum(-1).sqrt()  # [1, n]
-        u = hv / mag.clamp_min(1e-12)[..., None]
-        cs = (u @ u.transpose(-1, -2)).masked_fill(_not_earlier(n), -1.0)  # [1, n, n], j >= i masked
-        div = 1.0 - cs.amax(dim=-1)
+        f = xq[:, vis].to(self.hp)  # integer codes (quantized activations) or the normed input
+        nf = (f * f).sum(-1).sqrt().clamp_min(1e-12)  # [1, n]
+        cs = (f @ f.transpose(-1, -2)) / nf[..., :, None] / nf[..., None, :]
+        div = 1.0 - cs.masked_fill(_not_earlier(n), -1.0).amax(dim=-1)  # j >= i masked
         T = h.shape[1]
         qt = q[:, :, start + n : T]  # instruction (text) queries after the image
         p, _ = self.attend(qt, kd, vd, causal_offset=start + n)

@@ -239,25 +239,33 @@ def test_divprune_deterministic():
     assert (out[:, 1:] > out[:, :-1]).all()
 
 
-def test_diversity_signal_matches_numpy_and_scores_repeats_zero(tiny_llava):
-    """Deployed.signals' diversity = 1 - max_{j<i} cos(x_i, x_j) over the visual rows (numpy,
-    float64), 2 for the first row, exactly 0 for a row that repeats an earlier one."""
+@pytest.mark.parametrize("a_bits", [16, 4])
+def test_diversity_signal_matches_numpy_and_scores_repeats_zero(tiny_llava, a_bits):
+    """Deployed.signals' diversity = 1 - max_{j<i} cos(f_i, f_j) over the visual rows (numpy,
+    float64), f = the attention input's 4-bit integer codes (a_bits 4) or the normed input (16);
+    2 for the first row, 0 for a row that repeats an earlier one (up to the last bit)."""
     import numpy as np
 
     from quota_export import models
+    from quota_export.recipe import DEFAULT_TARGETS
     from quota_export.reference import DeployConfig, Deployed
 
-    dep = Deployed(models.load(tiny_llava), DeployConfig())
+    cfg = DeployConfig(w_bits=4, a_bits=a_bits, targets=list(DEFAULT_TARGETS)) if a_bits < 16 else DeployConfig()
+    dep = Deployed(models.load(tiny_llava), cfg)
     torch.manual_seed(0)
     start, n, T, D = 2, 9, 14, dep.spec.hidden
     h = torch.randn(1, T, D)
     h[0, start + 5] = h[0, start + 2]  # a repeat of an earlier visual row
     h[0, start + 7] = 3.0 * h[0, start + 1]  # same direction, other magnitude
-    _, _, _, div = dep.signals(1, h, torch.arange(T)[None], start, n)
-    x = h[0, start : start + n].double().numpy()
-    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    pos = torch.arange(T)[None]
+    _, _, _, div = dep.signals(1, h, pos, start, n)
+    xn, (xq, xs), *_ = dep.qkv(1, h, pos)
+    f = xq[0, start : start + n].double().numpy()
+    if a_bits < 16:
+        assert xs is not None and (f == np.round(f)).all() and np.abs(f).max() <= 8
+    u = f / np.linalg.norm(f, axis=1, keepdims=True)
     want = np.array([2.0] + [1.0 - max(u[i] @ u[j] for j in range(i)) for i in range(1, n)])
     assert div.shape == (1, n) and div.dtype == torch.float64
     np.testing.assert_allclose(div[0].numpy(), want, rtol=0, atol=1e-12)
-    assert float(div[0, 5]) == 0.0 and abs(float(div[0, 7])) < 1e-12
-    assert float(div[0, 0]) == 2.0 and float(div[0, 1:].min()) >= 0.0
+    assert abs(float(div[0, 5])) < 1e-12 and abs(float(div[0, 7])) < 1e-12
+    assert float(div[0, 0]) == 2.0 and float(div[0, 1:].min()) > -1e-12

@@ -342,9 +342,13 @@ class DecoderLowering:
             sl = lambda t, a, b, axis: g.op("Slice", [t, self.ax(g, [a]), self.ax(g, [b]), self.ax(g, [axis])])
             hv = self.to_hp(g, sl(h, s0, s0 + n, 1))
             mag = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [hv, hv]), self.ax(g, [-1])], keepdims=0)], name="magnitude")
-            # diversity: 1 - max_{j<i} cos(h_i, h_j)   (Where masks j >= i with -1; the first token gets 2)
-            u = g.op("Div", [hv, g.op("Unsqueeze", [g.op("Max", [mag, self.hc(g, 1e-12)]), self.ax(g, [-1])])], name="unit")
-            cs = g.op("MatMul", [u, g.op("Transpose", [u], perm=[0, 2, 1])], name="cosine")
+            # diversity: 1 - max_{j<i} cos(f_i, f_j), f = the attention input's integer codes (else the
+            # normed input): f f^T is exact on integers; Where masks j >= i with -1 (the first token gets 2)
+            f = self.to_hp(g, sl(xn if xq is None else xq[0], s0, s0 + n, 1))
+            nf = g.op("Max", [g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [f, f]), self.ax(g, [-1])], keepdims=1)]),
+                              self.hc(g, 1e-12)], name="code_norm")  # [1, n, 1]
+            dot = g.op("MatMul", [f, g.op("Transpose", [f], perm=[0, 2, 1])], name="code_dot")
+            cs = g.op("Div", [g.op("Div", [dot, nf]), g.op("Transpose", [nf], perm=[0, 2, 1])], name="cosine")
             later = g.const(np.triu(np.ones((n, n), bool)), np.bool_)
             cs = g.op("Where", [later, self.hc(g, -1.0), cs], name="cosine_earlier")
             div = g.op("Sub", [self.hc(g, 1.0), g.op("ReduceMax", [cs, self.ax(g, [-1])], keepdims=0)], name="diversity")
