@@ -33,6 +33,7 @@ from quota_export.quant.quantizers import (
     kv_quantize,
     quantize_weight,
 )
+from quota_export.recipe import SIGNALS
 
 SCORE_GRID_BITS = 10  # scores are compared at a resolution of 2^-10 (recipe sigmas make them O(1))
 
@@ -96,8 +97,8 @@ class DeployConfig:
                 StageCfg(
                     s.layer,
                     k,
-                    (s.weights.magnitude, s.weights.attention, s.weights.risk, s.weights.diversity),
-                    (s.sigma.magnitude, s.sigma.attention, s.sigma.risk, s.sigma.diversity),
+                    tuple(getattr(s.weights, x) for x in SIGNALS),
+                    tuple(getattr(s.sigma, x) for x in SIGNALS),
                 )
                 for s, k in zip(recipe.pruning.stages, keeps)
             ],
@@ -167,11 +168,6 @@ def stage_score(stage: StageCfg, mag, att, risk, div):
     (wm, wa, wr, wd), (sm, sa, sr, sd) = stage.w, stage.sigma
     s = (wm / sm) * mag + (wa / sa) * att - (wr / sr) * risk + (wd / sd) * div
     return torch.round(s * float(2**SCORE_GRID_BITS)).float()
-
-
-def _not_earlier(n: int) -> torch.Tensor:
-    """[n, n] bool: True where j >= i (the pairs the diversity signal does not compare)."""
-    return torch.ones(n, n, dtype=torch.bool).triu()
 
 
 def rmsnorm(x, weight, eps, hp=torch.float32):
@@ -359,7 +355,8 @@ class Deployed:
         f = xq[:, vis].to(self.hp)  # integer codes (quantized activations) or the normed input
         nf = (f * f).sum(-1).sqrt().clamp_min(1e-12)  # [1, n]
         cs = (f @ f.transpose(-1, -2)) / nf[..., :, None] / nf[..., None, :]
-        div = 1.0 - cs.masked_fill(_not_earlier(n), -1.0).amax(dim=-1)  # j >= i masked
+        later = torch.ones(n, n, dtype=torch.bool).triu()  # j >= i: not compared
+        div = 1.0 - cs.masked_fill(later, -1.0).amax(dim=-1)
         T = h.shape[1]
         qt = q[:, :, start + n : T]  # instruction (text) queries after the image
         p, _ = self.attend(qt, kd, vd, causal_offset=start + n)

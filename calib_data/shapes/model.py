@@ -33,35 +33,31 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 N_VISUAL = (IMAGE_SIZE // PATCH) ** 2  # 144
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}USER : "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} "
-    "{% endif %}{% endfor %}{% else %}ASSISTANT : {{ m['content'][0]['text'] }} </s> {% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
-)
-
-
-# the question twice: every text part of the user turn first, then the turn's content in order
-CHAT_TEMPLATE_TWICE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}USER : "
-    "{% for c in m['content'] %}{% if c['type'] != 'image' %}{{ c['text'] }} {% endif %}{% endfor %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} "
-    "{% endif %}{% endfor %}{% else %}ASSISTANT : {{ m['content'][0]['text'] }} </s> {% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
-)
 QUESTION_SLOT = 24  # words; the longest shipped question has 19
-# as "twice", with the copy before the image left-padded with <pad> to QUESTION_SLOT words (the
-# word-level tokenizer makes a word one token), so the image starts at a fixed position
-CHAT_TEMPLATE_SLOT = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}USER : "
-    "{% for c in m['content'] %}{% if c['type'] != 'image' %}"
-    "{% for _ in range(" + str(QUESTION_SLOT) + " - c['text'].split()|length) %}<pad> {% endfor %}"
-    "{{ c['text'] }} {% endif %}{% endfor %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} "
-    "{% endif %}{% endfor %}{% else %}ASSISTANT : {{ m['content'][0]['text'] }} </s> {% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
-)
-LAYOUTS = {"after": CHAT_TEMPLATE, "twice": CHAT_TEMPLATE_TWICE, "slot": CHAT_TEMPLATE_SLOT}
+
+
+def _chat_template(before_image: str = "") -> str:
+    """The chat template; `before_image` is what a user turn gets for each of its text parts
+    ahead of the turn's content (a Jinja fragment over `c`, the text part)."""
+    pre = f"{{% for c in m['content'] %}}{{% if c['type'] != 'image' %}}{before_image}{{% endif %}}{{% endfor %}}"
+    return (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER : " + (pre if before_image else "") +
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} "
+        "{% endif %}{% endfor %}{% else %}ASSISTANT : {{ m['content'][0]['text'] }} </s> {% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = _chat_template()  # layout "after"
+LAYOUTS = {
+    "after": CHAT_TEMPLATE,
+    # the question also before the image
+    "twice": _chat_template("{{ c['text'] }} "),
+    # as "twice", the copy before the image left-padded with <pad> to QUESTION_SLOT words (the
+    # word-level tokenizer makes a word one token), so the image starts at a fixed position
+    "slot": _chat_template(f"{{% for _ in range({QUESTION_SLOT} - c['text'].split()|length) %}}<pad> {{% endfor %}}"
+                           "{{ c['text'] }} "),
+}
 
 
 def prompt_text(question: str, layout: str = "after") -> str:
