@@ -105,3 +105,29 @@ def test_slot_layout_puts_the_image_at_one_position():
             text = tok.decode(ids)
             assert text.count(q) == 2, text
     assert starts == {3 + QUESTION_SLOT}
+
+
+def test_spatial_probe_targets_are_both_named_places():
+    vocab = build_tokenizer().get_vocab()
+    seen = 0
+    for seed in range(300):
+        ids, start, _img, _lab, task, places = make_example(seed, vocab, locate_frac=0.2, spatial_frac=0.25)
+        if task != "spatial":
+            assert places == [-100] * 4
+            continue
+        seen += 1
+        assert all(0 <= p < 6 for p in places)
+        answer = vocab_words(vocab, ids[start:])
+        if answer[0] == "row":  # the drill spells the places out: the probe's targets are those
+            assert [int(w) for w in (answer[1], answer[3], answer[5], answer[7])] == places
+        else:  # the relation agrees with the two places
+            ra, ca, rb, cb = places
+            rel = {"left": ra == rb and ca < cb, "right": ra == rb and ca > cb,
+                   "above": ca == cb and ra < rb, "below": ca == cb and ra > rb}
+            assert rel[answer[0]]
+    assert seen > 20
+
+
+def vocab_words(vocab, ids):
+    inv = {i: w for w, i in vocab.items()}
+    return [inv[i] for i in ids]
