@@ -216,6 +216,15 @@ def _manifest(artifacts: Path) -> dict:
         raise UserError(f"{man}: corrupt manifest") from None
 
 
+
+def _shown(path: Path) -> str:
+    """The path as the report prints it: relative to the working directory when under it (so a
+    committed report does not name the machine it was made on)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
 def write_report(artifacts: str | Path, image: str | Path | None = None, out: str | Path | None = None,
                  prompt: str | None = None) -> Report:
     """Write schedule.png, kept_tokens.png, parity.png (if the manifest has a parity report) and report.md."""
@@ -289,7 +298,7 @@ def write_report(artifacts: str | Path, image: str | Path | None = None, out: st
         "",
         "![kept tokens](kept_tokens.png)",
         "",
-        f"Image `{image}`, question \"{question}\", answer of the graphs \"{res.text}\" (ONNX Runtime). "
+        f"Image `{_shown(image)}`, question \"{question}\", answer of the graphs \"{res.text}\" (ONNX Runtime). "
         "Outlined patches are the ones a stage keeps (dimmed: dropped); the last panel counts the decoder layers that hold each patch.",
         "",
         "## Parity",

@@ -236,6 +236,39 @@ def test_ort_fuses_int4_weights_into_matmulnbits(built, tmp_path):
     assert {_attr(n, "accuracy_level") for n in nb} == {1}
 
 
+def test_ort_optimizations_leave_the_numerics_unchanged(tmp_path, monkeypatch):
+    """The runner's session (ORT's full graph optimizations, MatMulNBits at accuracy level 1) and
+    an unoptimized session compute the same bits, down to every attention output (fp64
+    reductions). Guards against ORT rewrites that change the precision, e.g. MatMulScaleFusion
+    turning a scalar score scale into FusedMatMul's float32 alpha. On the shipped default: its
+    head_dim 32 makes 1/sqrt(d) inexact in float32 (the fixtures' 16 gives an exact 1/4)."""
+    import onnxruntime as ort
+
+    from quota_export.data import load_bench, load_image
+    from quota_export.runtime.ort import OrtRunner
+
+    monkeypatch.chdir(ROOT)  # the shipped recipe names its model relative to the repo root
+    res = build(load_recipe(ROOT / "recipes" / "default.yaml"), tmp_path / "g", str(TEST_SPLIT), 1, threads=1)
+    runner = OrtRunner(res.out, threads=1)
+    m = onnx.load(res.out / "prefill.onnx")
+    vi = {v.name: v for v in onnx.shape_inference.infer_shapes(m).graph.value_info}
+    probes = [n.output[0] for n in m.graph.node if n.op_type == "Softmax" or n.name.endswith("/PV")]
+    assert len(probes) >= 2 * 4
+    m.graph.output.extend(vi[p] for p in probes)
+    fast = runner.session_options
+    slow = ort.SessionOptions()
+    slow.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = load_bench(TEST_SPLIT, limit=1)[0]
+    ids, pix = runner.encode(load_image(s.image), s.question)
+    emb = runner.embeds(ids, pix)
+    feeds = {"inputs_embeds": emb, "position_ids": runner.positions(emb.shape[1])}
+    outs = [ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+            for so in (fast, slow)]
+    names = [o.name for o in m.graph.output]
+    for name, a, b in zip(names, *outs):
+        assert np.array_equal(a, b), name
+
+
 def test_ort_fuses_w4a4_matmuls(built, tmp_path):
     _, res = built("w4a4kv4")
     assert _ops(_optimized(res, "decode.onnx", tmp_path))["MatMulNBits"] > 0

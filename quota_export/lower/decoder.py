@@ -281,7 +281,12 @@ class DecoderLowering:
             k = self.to_hp(g, self.repeat_kv(g, k, "repeat_k"))
             v = self.to_hp(g, self.repeat_kv(g, v, "repeat_v"))
             s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])], name="QK")
-            s = g.op("Mul", [s, self.hc(g, self.spec.head_dim**-0.5)])
+            # the scale as a [1,H,1,1] constant, not a scalar: ONNX Runtime's MatMulScaleFusion folds
+            # a scalar into FusedMatMul's alpha, a float32 attribute, so fp64 scores would be scaled
+            # by float32(1/sqrt(d)) (a 1e-8 relative error, a last-bit difference in ~20% of the
+            # attention outputs and, through the 4-bit quantizers, flipped kept tokens)
+            scale = np.full((1, self.spec.heads, 1, 1), self.spec.head_dim**-0.5)
+            s = g.op("Mul", [s, self.hc(g, scale)], name="scale")
             s = self.causal_mask(g, s, offset, "mask")
             p = g.op("Softmax", [s], axis=-1)
             return p, self.to_f(g, g.op("MatMul", [p, v], name="PV"))
