@@ -107,15 +107,23 @@ def test_slot_layout_puts_the_image_at_one_position():
     assert starts == {3 + QUESTION_SLOT}
 
 
-def test_spatial_probe_targets_are_both_named_places():
+def test_spatial_probe_and_role_targets_name_both_places():
     vocab = build_tokenizer().get_vocab()
     seen = 0
     for seed in range(300):
-        ids, start, _img, _lab, task, places = make_example(seed, vocab, locate_frac=0.2, spatial_frac=0.25)
+        ids, start, _img, _lab, task, places, roles = make_example(seed, vocab, locate_frac=0.2, spatial_frac=0.25)
         if task != "spatial":
             assert places == [-100] * 4
+            if task == "locate":  # the named object's 2x2 patches, or none for an absent pair
+                assert set(roles.tolist()) <= {0, 1} and (roles == 1).sum() in (0, 4)
+                assert ((roles == 1).sum() == 4) == (vocab_words(vocab, ids[start:])[0] == "row")
+            else:
+                assert (roles == -100).all()
             continue
         seen += 1
+        grid = roles.reshape(12, 12)
+        for role, (r, c) in ((1, places[:2]), (2, places[2:])):
+            assert (grid == role).sum() == 4 and (grid[2 * r : 2 * r + 2, 2 * c : 2 * c + 2] == role).all()
         assert all(0 <= p < 6 for p in places)
         answer = vocab_words(vocab, ids[start:])
         if answer[0] == "row":  # the drill spells the places out: the probe's targets are those
