@@ -40,7 +40,7 @@ Recipe (all settings are the CLI defaults below and are written into the model f
   does not bring both places to one token in time to compare them. The probe asks for exactly
   that, with the top three layers left for the comparison; its heads are not part of the saved
   model;
-- from step --roles-from (18750) on, an auxiliary role loss on the visual tokens: on every
+- from step --roles-from (19750) on, an auxiliary role loss on the visual tokens: on every
   spatial example a linear head reads each visual token's hidden state after decoder layer
   --roles-layer (2) and must say whether its patch belongs to the first named object, the second
   or neither (on a locate example: the named object or not; see `role_labels`). Measured on the
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
                     help="from this step on, spatial examples also train a probe for both places (see SpatialProbe)")
     ap.add_argument("--probe-layer", type=int, default=3, help="the decoder layer whose output the probe reads")
     ap.add_argument("--probe-weight", type=float, default=0.5)
-    ap.add_argument("--roles-from", type=int, default=18750,
+    ap.add_argument("--roles-from", type=int, default=19750,
                     help="from this step on, spatial and locate examples also train the role loss (see RoleHead)")
     ap.add_argument("--roles-layer", type=int, default=2, help="the decoder layer whose visual tokens the role head reads")
     ap.add_argument("--roles-weight", type=float, default=0.5)
