@@ -139,3 +139,22 @@ def test_spatial_probe_and_role_targets_name_both_places():
 def vocab_words(vocab, ids):
     inv = {i: w for w, i in vocab.items()}
     return [inv[i] for i in ids]
+
+
+def test_export_writes_the_saved_state_as_a_loadable_folder(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from calib_data.shapes.train import main
+
+    state = Path(__file__).resolve().parents[1] / "models" / "shapes-llava-train"
+    assert main(["--export", "--state", str(state), "--out", str(tmp_path / "m")]) == 0
+    step = json.loads((state / "state.json").read_text())["step"]
+    assert json.loads((tmp_path / "m" / "training.json").read_text())["step"] == step
+    LlavaForConditionalGeneration.from_pretrained(tmp_path / "m")
+    AutoProcessor.from_pretrained(tmp_path / "m")
+    assert main(["--export", "--state", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "no saved state to export" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists() and not (tmp_path / "x").exists()

@@ -59,7 +59,8 @@ Recipe (all settings are the CLI defaults below and are written into the model f
 - AdamW, lr 1e-3, 300 warm-up steps, cosine to 1e-4 over --total-steps, batch 32, clip 1.0.
 
 Checkpoints (model + optimizer + step) go to --state every --save-every steps; a run restarted
-with the same --state resumes. The HF folder (--out) is refreshed at every evaluation.
+with the same --state resumes. The HF folder (--out) is refreshed at every evaluation, and
+`--export` writes it from the saved state alone (e.g. to ship the last checkpoint).
 """
 
 from __future__ import annotations
@@ -366,6 +367,8 @@ def main(argv=None) -> int:
     ap.add_argument("--roles-layer", type=int, default=2, help="the decoder layer whose visual tokens the role head reads")
     ap.add_argument("--roles-weight", type=float, default=0.5)
     ap.add_argument("--stop-after", type=int, default=None, help="stop at this step (resume later)")
+    ap.add_argument("--export", action="store_true",
+                    help="write the HF folder (--out) from the saved state, with the layout its last step trained on, and exit")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux-weight", type=float, default=0.5)
@@ -390,8 +393,11 @@ def main(argv=None) -> int:
     cfg = build_config(tok)
     model = LlavaForConditionalGeneration(cfg)
     heads = AuxHeads(cfg.text_config.hidden_size)
-    a.state.mkdir(parents=True, exist_ok=True)
     state_w, state_o, state_j = a.state / "weights.safetensors", a.state / "optim.pt", a.state / "state.json"
+    if a.export and not state_j.exists():
+        print(f"error: {state_j}: no saved state to export", file=sys.stderr)
+        return 2
+    a.state.mkdir(parents=True, exist_ok=True)
     # heads that start late (name -> module, its own optimizer at lr --lr, first step): their own
     # optimizers, so states saved before a head existed resume unchanged
     late = {name: (mod, torch.optim.AdamW(mod.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98)), frm)
@@ -444,6 +450,16 @@ def main(argv=None) -> int:
         os.replace(str(state_w) + ".tmp", state_w)
         os.replace(str(state_o) + ".tmp", state_o)
         state_j.write_text(json.dumps({"step": step, "log": log, "args": {k: str(v) for k, v in vars(a).items()}}, indent=0))
+
+    def export():
+        info = {"step": step, "log": log,
+                "settings": {k: str(v) for k, v in vars(a).items() if k not in ("out", "state", "stop_after", "threads", "export")}}
+        save_hf(model, tok, procs[layout_at(step - 1)], a.out, info)  # the layout the last step trained on
+
+    if a.export:
+        export()
+        print(f"wrote {a.out} (step {step}, layout {layout_at(step - 1)})")
+        return 0
 
     model.train()
     t0, ema = time.time(), None
@@ -501,7 +517,7 @@ def main(argv=None) -> int:
             acc = evaluate(model, vocab, layout=lay)
             log.append({"step": step, "lm": round(ema, 4), **{k: round(v, 3) for k, v in acc.items()}, "layout": lay})
             print("eval", json.dumps(log[-1]), flush=True)
-            save_hf(model, tok, procs[lay], a.out, {"step": step, "log": log, "settings": {k: str(v) for k, v in vars(a).items() if k not in ("out", "state", "stop_after", "threads")}})
+            export()
         if step % a.save_every == 0 or step == stop:
             save_state()
     return 0
