@@ -136,11 +136,9 @@ def spatial_drill(scene, rng: random.Random):
     if qa is None or rng.random() < 0.5:
         return None if qa is None else (qa["question"], qa["answer"])
     q = qa["question"]
-    a_name, b_name = q[len("where is the "):-len(" ?")].split(" relative to the ")
-    named = {f"{o.color} {o.kind}": o for o in scene.objects if o.kind != "digit"}
-    a, b = named[a_name], named[b_name]
-    return (f"describe {a_name} relative to {b_name}",
-            f"row {a.row} col {a.col} row {b.row} col {b.col} {qa['answer']}")
+    ra, ca, rb, cb = spatial_places(scene, q)
+    return (f"describe {q[len('where is the '):-len(' ?')].replace(' relative to the ', ' relative to ')}",
+            f"row {ra} col {ca} row {rb} col {cb} {qa['answer']}")
 
 
 def spatial_places(scene, question: str) -> list[int]:
@@ -473,7 +471,7 @@ def main(argv=None) -> int:
                for j in range(a.batch)]
         ids, mask, labels, pix, aux = collate(exs, vocab["<pad>"])
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, a.lr, a.total_steps)  # the probe keeps lr --lr: it starts late
+            g["lr"] = lr_at(step, a.lr, a.total_steps)  # the late heads keep lr --lr: they start late
         logits, aux_logits, hidden = forward(model, heads, ids, mask, pix, vocab["<image>"])
         # per-sample mean, then batch mean: a one-word answer weighs as much as a 40-token caption
         tok_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
