@@ -15,9 +15,9 @@ TEST = ROOT / "calib_data" / "shapes" / "test.jsonl"
 # Chance on the 60-sample slice (10 per task): exist 0.5, attribute ~1/6, count ~0.39 (majority
 # answer), spatial 0.25, choice 0.25, digit 0.1 -> ~0.28 overall.
 CHANCE = 0.28
-# The snapshot committed with this test (step 17150) scores 0.87 on this slice (0.88 on the model
-# card's 600); raise the floor as training advances.
-MIN_OVERALL = 0.7
+# The shipped model (step 24000, training finished) scores 0.82 on this slice (10 samples a task:
+# spatial 0.2 and count 0.7 here; see the model card for the full test split).
+MIN_OVERALL = 0.75
 
 
 def test_loads_with_auto_classes():
