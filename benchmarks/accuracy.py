@@ -93,7 +93,7 @@ def main(argv=None) -> int:
          f"overall {fp['overall']:.3f}" + (f"; below 0.80: {', '.join(low)}" if low else "")),
         ("random 30% <= 0.85 x FP overall", rnd["overall"] <= 0.85 * fp["overall"],
          f"{rnd['overall']:.3f} = {rnd['overall'] / fp['overall']:.3f} x FP"),
-        ("blank images within 0.10 of chance on every task type", len(near) == len(image_tasks),
+        ("blank images at most 0.10 above chance on every task type", len(near) == len(image_tasks),
          ", ".join(f"{t} {blank['per_task'][t]:.2f} (chance {CHANCE[t]:.2f})" for t in image_tasks)),
         ("W4A4KV4 changes answers measurably (agreement < 1)", w4a4["agreement"] < 1,
          f"agreement {w4a4['agreement']:.3f}, KL {w4a4['kl']:.4f}"),

@@ -109,7 +109,7 @@ def cmd_verify(a) -> int:
     from quota_export.build import deployed_at, load_items, load_model
     from quota_export.recipe import load_recipe
     from quota_export.runtime.ort import OrtRunner, graph_sets
-    from quota_export.verify import compare, misses_line, summary_line
+    from quota_export.verify import compare, misses_line, summary_line, thresholds_for
 
     if a.samples < 1:
         raise UserError(f"--samples: must be at least 1, got {a.samples}")
@@ -130,15 +130,20 @@ def cmd_verify(a) -> int:
         _say(f"comparing {where} with the PyTorch reference of {recipe.model_path()} on {len(data.items)} samples")
         if base is None:
             base = load_model(recipe)
-        _, dep = deployed_at(recipe, base, (h, w) if recipe.export.image_sizes else None,
-                             fp64=runner.manifest.get("reductions", "fp64") == "fp64")
+        reductions = runner.manifest.get("reductions", "fp64")
+        _, dep = deployed_at(recipe, base, (h, w) if recipe.export.image_sizes else None, fp64=reductions == "fp64")
         rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, _progress(), ids=data.ids)
         d = rep.as_dict()
         print(("  " if several else "") + summary_line(d, data.source))
         if d["failing_samples"]:
             print(("  " if several else "") + misses_line(d["failing_samples"]))
+        if reductions == "fp32":
+            t = thresholds_for(reductions)
+            print(("  " if several else "") + f"fp32 reductions: statistical parity (median logits SQNR >= "
+                  f"{t['logits_sqnr_db_median']:g} dB; kept indices >= {t['kept_index_agreement']:.0%} and answers >= "
+                  f"{t['answer_agreement']:.0%} of the samples; README, TensorRT)")
         reports[f"{w}x{h}"] = {k: d[k] for k in keys}
-        fails += [f"{w}x{h}: {f}" if several else f for f in rep.failures()]
+        fails += [f"{w}x{h}: {f}" if several else f for f in rep.failures(thresholds_for(reductions))]
     if a.json:
         out = next(iter(reports.values()))
         if several:  # the worst figures over the sets, and each set's own

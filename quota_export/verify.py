@@ -12,12 +12,34 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+# Exact parity, for graphs with fp64 reductions (the `onnx` target's default): every sample's kept
+# indices and answer equal the reference's, and every sample's logits are within 40 dB.
 THRESHOLDS = {
     "kept_index_agreement": 1.0,
     "answer_agreement": 1.0,
-    "logits_sqnr_db_min": 40.0,
+    "logits_sqnr_db_min": 40.0,  # also the per-sample line below which a sample is listed as a miss
     "vision_sqnr_db_min": 60.0,  # the vision tower is exported unquantized: float noise only
 }
+# Statistical parity, for graphs with fp32 reductions (the `tensorrt` target). fp32 sums in
+# another order than torch's differ in the last bit now and then, and a 4-bit activation quantizer
+# turns that into a whole step on one activation, which spreads through the later layers of that
+# sample: measured over 240 test samples, 78-91% of the samples are bit-identical, the others
+# reach 10-37 dB and may keep another token or two, answers agree in 99-100%. A lowering bug
+# breaks most samples, so the fp32 check asks that most samples hold (median SQNR) and that
+# kept indices and answers agree in most samples; the per-sample misses are still listed.
+THRESHOLDS_FP32 = {
+    "kept_index_agreement": 0.75,
+    "answer_agreement": 0.85,
+    "logits_sqnr_db_min": None,  # not a hard floor here ...
+    "logits_sqnr_db_median": 40.0,  # ... the median sample must be within 40 dB instead
+    "vision_sqnr_db_min": 60.0,
+}
+SAMPLE_SQNR_DB = 40.0  # a sample below this is listed as a miss (both kinds of parity)
+
+
+def thresholds_for(reductions: str) -> dict:
+    """The parity thresholds of graphs built with `reductions` ("fp64" exact, "fp32" statistical)."""
+    return THRESHOLDS_FP32 if reductions == "fp32" else THRESHOLDS
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
@@ -56,11 +78,12 @@ class ParityReport:
     def misses(self, thresholds: dict | None = None) -> list[dict]:
         """The samples that miss a threshold: {"id", "stages", "answer", "sqnr_db", "why" (phrases)}."""
         t = {**THRESHOLDS, **(thresholds or {})}
+        floor = t["logits_sqnr_db_min"] if t["logits_sqnr_db_min"] is not None else SAMPLE_SQNR_DB
         out = []
         for (sid, stages, answer), sq in zip(self.records, self.sqnr):
             why = [f"stage {', '.join(map(str, stages))} kept indices"] if stages else []
             why += [] if answer else ["answer"]
-            why += [f"SQNR {sq:.2f} dB"] if sq < t["logits_sqnr_db_min"] else []
+            why += [f"SQNR {sq:.2f} dB"] if sq < floor else []
             if why:
                 out.append({"id": sid, "stages": stages, "answer": answer, "sqnr_db": _db(sq), "why": why})
         return out
@@ -99,8 +122,11 @@ class ParityReport:
         if d["answer_agreement"] < t["answer_agreement"]:
             out.append(f"answer agreement {d['answer_agreement'] * 100:.1f}% < {t['answer_agreement'] * 100:.0f}%")
         lo = self.sqnr_min()
-        if lo < t["logits_sqnr_db_min"]:
+        if t["logits_sqnr_db_min"] is not None and lo < t["logits_sqnr_db_min"]:
             out.append(f"logits SQNR min {lo:.2f} dB < {t['logits_sqnr_db_min']:g} dB")
+        med = float(np.median(self.sqnr))  # an infinite SQNR (bit-identical logits) counts as above
+        if t.get("logits_sqnr_db_median") is not None and med < t["logits_sqnr_db_median"]:
+            out.append(f"logits SQNR median {med:.2f} dB < {t['logits_sqnr_db_median']:g} dB")
         if self.vision_sqnr and min(self.vision_sqnr) < t["vision_sqnr_db_min"]:
             out.append(f"vision features SQNR min {min(self.vision_sqnr):.2f} dB < {t['vision_sqnr_db_min']:g} dB")
         return out
