@@ -360,7 +360,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
                threads: int, say, tag: str = ""):
     """Lower, write and check one graph set (one image size) into `folder`; -> (manifest, example)."""
     from quota_export.prune.schedule import kept_per_layer
-    from quota_export.verify import compare, misses_line, thresholds_for
+    from quota_export.verify import compare, misses_line, parity_kind, thresholds_for
 
     spec = dep.spec
     stages = ", ".join(f"layer {s.layer} keeps {s.keep}" for s in dep.cfg.stages) or "no pruning"
@@ -427,8 +427,8 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
-    kind = "statistical (fp32 reductions)" if manifest["reductions"] == "fp32" else "exact"
-    say(f"[4/{STEPS}] {tag}parity ({kind}) vs the PyTorch reference on {len(data.items)} samples of {data.source}")
+    say(f"[4/{STEPS}] {tag}parity ({parity_kind(manifest['reductions'])}) vs the PyTorch reference on "
+        f"{len(data.items)} samples of {data.source}")
     from quota_export.runtime.ort import OrtRunner
 
     runner = OrtRunner(folder, threads=threads)

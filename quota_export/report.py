@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from quota_export import UserError
+from quota_export.verify import SAMPLE_SQNR_DB as SQNR_THRESHOLD_DB
 
 DEFAULT_PROMPT = "describe the image"
 SHAPES_TEST = Path(__file__).resolve().parents[1] / "calib_data" / "shapes" / "test.jsonl"
 SHAPES_SIZE = (96, 96)
-SQNR_THRESHOLD_DB = 40.0  # verify.THRESHOLDS["logits_sqnr_db_min"]
 
 
 @dataclass
