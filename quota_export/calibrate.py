@@ -12,17 +12,27 @@ scheme, RTN weights), prefill only:
     D(candidate) = mean over samples of KL(p_ref || p_pruned)  at the first answer position
 
     search (deterministic; ties -> the earlier candidate in the fixed enumeration order):
-      A. shapes: 1-3 stages at layers from a grid, keeps from a geometric decay k_j = k_1 r^j
-         with k_1 the largest that meets the budget, attention-only weights
+      A. shapes x starts: 1-3 stages at layers from a grid, keeps from a geometric decay
+         k_j = k_1 r^j with k_1 the largest that meets the budget, every stage scored by one
+         single-signal start vector of STARTS (attention, magnitude, diversity only)
       B. weights: coordinate descent over the stages of the best shape, each stage trying the
          weight grid W_GRID with the others fixed, until a sweep changes nothing (<= 3 sweeps)
       C. keeps: the best shape's layers with the other decay ratios of R_FINE, final weights
 
+Why several starts: the shape found with one scorer is not the shape another scorer needs.
+With attention-only shapes alone (on the step-24000 shipped model, 128 samples) the full search
+ended at divergence 0.096 while its own ablation without attention, whose phase A scored shapes
+by magnitude, reached 0.042 (L1/L3/L4 with magnitude, risk and diversity weights that W_GRID did
+not hold): the full search must see every ablation's space, so W_GRID also holds those vectors
+and phase A tries every start.
+
 Ablations: `signals` (default all of SIGNALS) restricts which signals may get a non-zero weight.
 The weight grid is then `weight_grid(signals)`: W_GRID with the other signals' weights set to 0,
-vectors that become all-zero dropped, duplicates dropped (order kept); phase A uses its first
-vector instead of attention-only. With all four signals it is W_GRID itself; a restricted run
-says so in `calibration.notes`.
+vectors that become all-zero dropped, duplicates dropped (order kept); the starts are STARTS
+restricted the same way (those left with a non-zero weight), or the grid's first vector if none
+is. With all four signals it is W_GRID itself; a restricted run says so in `calibration.notes`.
+Vectors that give the same ranking (equal up to a positive factor once the weights of signals
+constant at that stage are zeroed) are tried once, the earliest.
 
 A candidate is run from its first stage layer on the cached h_l, and within one batch of
 candidates, states and signals shared by a common stage prefix are computed once. The fast
@@ -67,6 +77,15 @@ W_GRID: tuple[tuple[float, float, float, float], ...] = (
     (0.5, 1.0, 0.0, 1.0),
     (0.0, 1.0, 0.5, 1.0),
     (0.0, 0.0, 0.0, 1.0),
+    (0.5, 0.0, 0.0, 1.0),
+    (0.0, 0.0, 0.5, 1.0),
+    (0.0, 0.0, 1.0, 0.0),
+)
+# phase A's single-signal scorers, in order: attention-only first (ties keep it, as before)
+STARTS: tuple[tuple[float, float, float, float], ...] = (
+    (0.0, 1.0, 0.0, 0.0),
+    (1.0, 0.0, 0.0, 0.0),
+    (0.0, 0.0, 0.0, 1.0),
 )
 R_SHAPES = (0.6, 0.35)  # decay ratios of the shape search (stages >= 2)
 R_FINE = (0.8, 0.7, 0.6, 0.5, 0.35, 0.25)  # decay ratios tried in phase C
@@ -77,6 +96,14 @@ SIG_DIGITS = 6
 
 def _sig(x: float, digits: int = SIG_DIGITS) -> float:
     return float(f"{x:.{digits}g}")
+
+
+def start_vectors(signals=SIGNALS) -> tuple[tuple[float, float, float, float], ...]:
+    """STARTS whose one non-zero weight is on a signal of `signals` (order kept); if none is, the
+    first vector of `weight_grid(signals)`."""
+    on = [name in tuple(signals) for name in SIGNALS]
+    out = tuple(w for w in STARTS if all(on[i] or w[i] == 0 for i in range(len(SIGNALS))))
+    return out or weight_grid(signals)[:1]
 
 
 def weight_grid(signals=SIGNALS) -> tuple[tuple[float, float, float, float], ...]:
@@ -348,12 +375,17 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
         return tuple(zip(layers, keeps, ws))
 
     def weight_options(cand, j):
-        """The grid without vectors equivalent to an earlier one (a constant signal's weight is moot)."""
+        """The grid without vectors equivalent to an earlier one: a constant signal's weight is moot,
+        and a positive factor on all weights keeps the ranking."""
         const = ev.constant(cand[:j], cand[j][0])
         seen, out = set(), []
         for w in grid:
             eff = tuple(0.0 if const[i] else w[i] for i in range(len(SIGNALS)))
-            if sum(eff) == 0 or eff in seen:
+            top = max(eff)
+            if top == 0:
+                continue
+            eff = tuple(x / top for x in eff)
+            if eff in seen:
                 continue
             seen.add(eff)
             out.append(w)
@@ -362,10 +394,11 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
     shapes = shape_candidates(L, N, budget)
     if not shapes:
         raise UserError(f"budget {budget}: no schedule of {N} visual tokens over {L} layers meets it")
-    bar = tqdm(desc="calibrate: search", disable=not progress, unit="cand", total=len(shapes) + 1)
+    starts = start_vectors(signals)
+    bar = tqdm(desc="calibrate: search", disable=not progress, unit="cand", total=len(shapes) * len(starts) + 1)
     ev.divergence([naive], bar)
-    # A. shapes, attention-only weights (the restricted grid's first vector under `signals`)
-    cands = [build(ls, ks, [grid[0]] * len(ls)) for ls, _, ks in shapes]
+    # A. shapes x single-signal starts (start-major: ties keep the earlier start)
+    cands = [build(ls, ks, [w] * len(ls)) for w in starts for ls, _, ks in shapes]
     best, best_d = _best(cands, ev.divergence(cands, bar))
     layers = [s[0] for s in best]
     keeps = [s[1] for s in best]

@@ -165,6 +165,15 @@ def test_weight_grid_default_is_w_grid_and_restriction_zeroes():
         weight_grid(("colour",))
 
 
+def test_start_vectors_follow_the_signals():
+    from quota_export.calibrate import STARTS, W_GRID, start_vectors
+
+    assert start_vectors() == STARTS and all(w in W_GRID for w in STARTS)
+    assert start_vectors(("magnitude", "risk", "diversity")) == ((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+    assert start_vectors(("attention", "risk")) == ((0.0, 1.0, 0.0, 0.0),)
+    assert start_vectors(("risk",)) == ((0.0, 0.0, 0.5, 0.0),)  # no single-signal start: the grid's first
+
+
 def test_signals_ablation_zero_weight_and_default_unchanged(calibrated, tiny_llava, tmp_path):
     """signals without attention -> every stage's attention weight is 0; all four signals given
     explicitly -> the default recipe, byte for byte."""

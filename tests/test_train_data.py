@@ -158,3 +158,23 @@ def test_export_writes_the_saved_state_as_a_loadable_folder(tmp_path, capsys):
     assert main(["--export", "--state", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "no saved state to export" in capsys.readouterr().err
     assert not (tmp_path / "none").exists() and not (tmp_path / "x").exists()
+
+
+def test_lr_phase_one_unchanged_and_phase_two_restarts():
+    """Steps before phase 2 get the lr the step-24000 model trained with (cosine over 24000
+    steps); phase 2 warms up again to its own peak and decays to a tenth of it."""
+    import math
+
+    from calib_data.shapes.train import lr_two_phase
+
+    def old(s, base=1e-3, total=24000, warmup=300):
+        if s < warmup:
+            return base * (s + 1) / warmup
+        t = min(1.0, (s - warmup) / (total - warmup))
+        return 0.1 * base + 0.9 * base * 0.5 * (1 + math.cos(math.pi * t))
+
+    for s in (0, 299, 300, 5000, 17000, 23999):
+        assert lr_two_phase(s, 1e-3, 24000, 5e-4, 30000) == old(s)
+    assert lr_two_phase(24000, 1e-3, 24000, 5e-4, 30000) == 5e-4 / 100
+    assert lr_two_phase(24100, 1e-3, 24000, 5e-4, 30000) == 5e-4
+    assert math.isclose(lr_two_phase(30000, 1e-3, 24000, 5e-4, 30000), 5e-5)

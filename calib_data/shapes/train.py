@@ -56,7 +56,13 @@ Recipe (all settings are the CLI defaults below and are written into the model f
   drown the question in the residual stream;
 - LM loss: mean over each sample's supervised tokens, then over the batch (a one-word answer
   weighs as much as a caption);
-- AdamW, lr 1e-3, 300 warm-up steps, cosine to 1e-4 over --total-steps, batch 32, clip 1.0.
+- AdamW, lr 1e-3, 300 warm-up steps, cosine to 1e-4 over the first --phase2-from (24000) steps,
+  batch 32, clip 1.0;
+- phase 2, from step --phase2-from (24000) to --total-steps: the cosine restarts (100 warm-up
+  steps to --phase2-lr 5e-4, down to a tenth of it) and --phase2-spatial-frac (0.5) of the
+  question examples are spatial drills. At step 24000 every type but spatial was at 0.94-1.00 on
+  validation while spatial had climbed from 0.34 to 0.58 over the 4000 steps since the role loss
+  started (test split: 0.465) on a quarter of the questions and a decaying lr.
 
 Checkpoints (model + optimizer + step) go to --state every --save-every steps; a run restarted
 with the same --state resumes. The HF folder (--out) is refreshed at every evaluation, and
@@ -273,11 +279,23 @@ class SpatialProbe(torch.nn.Module):
         return self.proj(h).reshape(h.shape[0], 4, GRID)
 
 
-def lr_at(step: int, base: float, total: int, warmup: int = 300) -> float:
+def lr_at(step: int, base: float, total: int, warmup: int = 300, start: int = 0) -> float:
+    """Linear warm-up over `warmup` steps from `start`, then cosine from `base` to base/10 at `total`."""
+    step -= start
+    total -= start
     if step < warmup:
         return base * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.1 * base + 0.9 * base * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def lr_two_phase(step: int, base: float, phase2_from: int, phase2_lr: float, total: int) -> float:
+    """Phase 1 (steps < phase2_from): 300 warm-up steps, cosine from `base` to base/10 at
+    phase2_from. Phase 2: 100 warm-up steps from phase2_from, cosine from `phase2_lr` to
+    phase2_lr/10 at `total`."""
+    if step < phase2_from:
+        return lr_at(step, base, phase2_from)
+    return lr_at(step, phase2_lr, total, warmup=100, start=phase2_from)
 
 
 @torch.no_grad()
@@ -345,7 +363,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m calib_data.shapes.train")
     ap.add_argument("--out", type=Path, default=Path("models/shapes-llava"))
     ap.add_argument("--state", type=Path, default=Path("models/shapes-llava-train"))
-    ap.add_argument("--total-steps", type=int, default=24000)
+    ap.add_argument("--total-steps", type=int, default=30000)
+    ap.add_argument("--phase2-from", type=int, default=24000,
+                    help="phase 2 from this step: the lr cosine restarts and spatial drills take a larger share")
+    ap.add_argument("--phase2-lr", type=float, default=5e-4)
+    ap.add_argument("--phase2-spatial-frac", type=float, default=0.5)
     ap.add_argument("--locate-from", type=int, default=4000,
                     help="from this step on, a share of the questions are 'describe <colour> <kind>' (see locate)")
     ap.add_argument("--locate-frac", type=float, default=0.2, help="that share (of the non-caption examples)")
@@ -386,6 +408,9 @@ def main(argv=None) -> int:
 
     def layout_at(s: int) -> str:
         return "slot" if s >= a.slot_from else "twice" if s >= a.twice_from else "after"
+
+    def lr(s: int) -> float:
+        return lr_two_phase(s, a.lr, a.phase2_from, a.phase2_lr, a.total_steps)
 
     vocab = tok.get_vocab()
     cfg = build_config(tok)
@@ -464,14 +489,14 @@ def main(argv=None) -> int:
     stop = min(a.total_steps, a.stop_after or a.total_steps)
     while step < stop:
         loc = a.locate_frac if step >= a.locate_from else 0.0
-        spa = a.spatial_frac if step >= a.spatial_from else 0.0
+        spa = a.phase2_spatial_frac if step >= a.phase2_from else a.spatial_frac if step >= a.spatial_from else 0.0
         lay = layout_at(step)
         exs = [make_example((step * a.batch + j) % TRAIN_SEED_LIMIT, vocab, locate_frac=loc, spatial_frac=spa,
                             layout=lay)
                for j in range(a.batch)]
         ids, mask, labels, pix, aux = collate(exs, vocab["<pad>"])
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, a.lr, a.total_steps)  # the late heads keep lr --lr: they start late
+            g["lr"] = lr(step)  # the late heads keep lr --lr: they start late
         logits, aux_logits, hidden = forward(model, heads, ids, mask, pix, vocab["<image>"])
         # per-sample mean, then batch mean: a one-word answer weighs as much as a 40-token caption
         tok_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
@@ -508,7 +533,7 @@ def main(argv=None) -> int:
         if step % 50 == 0:
             dt = time.time() - t0
             pr = (f" probe {probe_loss.item():.4f}" if probing else "") + (f" roles {roles_loss.item():.4f}" if roling else "")
-            print(f"step {step} lm {ema:.4f} aux {aux_loss.item() / 5:.4f}{pr} lr {lr_at(step, a.lr, a.total_steps):.2e} {dt / 50:.2f}s/step", flush=True)
+            print(f"step {step} lm {ema:.4f} aux {aux_loss.item() / 5:.4f}{pr} lr {lr(step):.2e} {dt / 50:.2f}s/step", flush=True)
             t0 = time.time()
         if step % a.eval_every == 0 or step == stop:
             lay = layout_at(step - 1)  # the layout the last step trained on
