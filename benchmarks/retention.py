@@ -2,7 +2,7 @@
 
     python benchmarks/retention.py [--model models/shapes-llava] [--bench calib_data/shapes/test.jsonl]
         [--samples N [N ...]] [--calib calib_data/shapes/calib.jsonl] [--calib-samples 64]
-        [--schemes w4a4kv4] [--budgets 0.3 0.5 0.15] [--ablations-at B ...] [--threads 1]
+        [--schemes w4a4kv4] [--budgets 0.3 0.5 0.15] [--ablations-at B ...] [--ablations A ...] [--threads 1]
         [--out benchmarks/retention.md]
 
 Per (scheme, budget), on a task-balanced slice of the bench (`--samples`: one count for every
@@ -14,10 +14,11 @@ budget, or one per budget in the order of --budgets):
   split);
   each stage-wise baseline (pruning scored on the FP model, replayed in the quantized model) with
   RTN weights and with GPTQ calibrated on full, unpruned streams (<scheme>-gptq);
-  ablations: QUOTA without magnitude / attention / risk / diversity (the calibration search with that
-  signal's score weight fixed at 0: calibrate(signals=...)), RTN weights; and QUOTA's schedule
-  with stage-wise quantizer calibration (the QUOTA schedule, GPTQ weights calibrated on full
-  streams, i.e. the same weights as <scheme>-gptq).
+  ablations (--ablations, default all): QUOTA without magnitude / attention / risk / diversity (the
+  calibration search with that signal's score weight fixed at 0: calibrate(signals=...)), RTN
+  weights; QUOTA without merging (dropped tokens vanish: calibrate(merge="none")), RTN weights; and
+  QUOTA's schedule with stage-wise quantizer calibration (the QUOTA schedule, GPTQ weights
+  calibrated on full streams, i.e. the same weights as <scheme>-gptq).
 Every row: mean kept fraction, accuracy per task, overall, retention (mean over tasks of accuracy
 / FP accuracy), agreement with the FP answer, KL(P_fp || P) of the first answer token, seconds.
 The report is rewritten after each budget (a partial run leaves a valid partial table) and ends
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from quota_export.recipe import SIGNALS  # noqa: E402  (after the sys.path line above)
 
 BASELINES = ("fastv", "pdrop", "sparsevlm", "divprune", "random")
+ABLATIONS = (*SIGNALS, "merge", "schedule")
 
 
 def _weights(st) -> str:
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5, 0.15])
     ap.add_argument("--ablations-at", nargs="*", type=float,
                     help="budgets that get the ablation rows (default: every budget; none: no ablations)")
+    ap.add_argument("--ablations", nargs="+", choices=ABLATIONS, default=list(ABLATIONS),
+                    help="which ablations (default all): a signal = QUOTA without it, merge = QUOTA without "
+                         "merging, schedule = QUOTA's schedule with GPTQ on full streams")
     ap.add_argument("--note", action="append", default=[], help="a line for the top of the report (repeatable)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "retention.md")
@@ -163,8 +168,9 @@ def _run(a, model_arg, progress, t_start) -> int:
         "own stream, the quantized model drops the same tokens; weights RTN, or GPTQ calibrated on the "
         "full (unpruned) token streams (`-gptq`). QUOTA: schedule and score weights searched under the "
         "deployed quantizers (RTN); `+ GPTQ (pruned streams)` = GPTQ calibrated on the streams of that "
-        "pruned, quantized model. Ablations: the QUOTA search with one signal's score weight fixed at 0 "
-        "(`calibrate(signals=...)`, RTN weights), and QUOTA's schedule with stage-wise quantizer "
+        "pruned, quantized model; dropped tokens are merged into their most similar kept token "
+        "(`pruning.merge: proportional`). Ablations: the QUOTA search with one signal's score weight fixed at 0 "
+        "(`calibrate(signals=...)`, RTN weights), without merging (`merge: none`), and QUOTA's schedule with stage-wise quantizer "
         "calibration (GPTQ on full streams, the `-gptq` weights). s = wall seconds of the row's "
         "evaluation (calibration time is given above each table).",
         "",
@@ -240,12 +246,13 @@ def _run(a, model_arg, progress, t_start) -> int:
                      row(f"{scheme} + QUOTA + GPTQ (pruned streams)", mg, sg)]
             abl_notes = []
             if a.ablations_at is None or any(abs(budget - x) < 1e-9 for x in a.ablations_at):
-                for drop in SIGNALS:
+                for drop in [x for x in ABLATIONS if x in a.ablations and x != "schedule"]:
                     keep = tuple(x for x in SIGNALS if x != drop)
                     say(f"[{tag}] ablation: QUOTA without {drop} ...")
                     t = time.perf_counter()
                     ra, resa = calibrate(a.model, a.calib, budget, scheme, a.calib_samples, a.seed,
-                                         name=f"bench-quota-{tag}-no-{drop}", progress=progress, signals=keep)
+                                         name=f"bench-quota-{tag}-no-{drop}", progress=progress, signals=keep,
+                                         merge="none" if drop == "merge" else "proportional")
                     ca_s = time.perf_counter() - t
                     ra = ra.model_copy(update={"model": model_arg})
                     save_recipe(ra, rec_dir / f"bench-quota-{tag}-no-{drop}.yaml")
@@ -255,14 +262,15 @@ def _run(a, model_arg, progress, t_start) -> int:
                         f"without {drop}: schedule " + ", ".join(
                             f"L{st.layer}:{st.keep} {_weights(st)}" for st in ra.pruning.stages)
                         + f", divergence {resa.divergence:.4g}, {ca_s:.0f} s")
-                say(f"[{tag}] ablation: QUOTA schedule + GPTQ on full streams ...")
+                if "schedule" in a.ablations:
+                    say(f"[{tag}] ablation: QUOTA schedule + GPTQ on full streams ...")
 
-                def sched_fullgptq():
-                    dep = Deployed(h.adapter, DeployConfig.from_recipe(rr), h.deployed(gscheme).qweights)
-                    return h.score(h._generate(dep, h.prompts(False), desc="eval quota schedule + gptq full"))
+                    def sched_fullgptq():
+                        dep = Deployed(h.adapter, DeployConfig.from_recipe(rr), h.deployed(gscheme).qweights)
+                        return h.score(h._generate(dep, h.prompts(False), desc="eval quota schedule + gptq full"))
 
-                m, s = _timed(sched_fullgptq)
-                rows.append(row(f"ablation: QUOTA schedule + GPTQ on full streams (stage-wise quantizer)", m, s))
+                    m, s = _timed(sched_fullgptq)
+                    rows.append(row("ablation: QUOTA schedule + GPTQ on full streams (stage-wise quantizer)", m, s))
             sections += [
                 f"## {scheme}, budget {budget:g} ({len(h.samples)} test samples)", "",
                 f"QUOTA schedule {sched}; score weights {wts}; calibration divergence {res.divergence:.4g} "

@@ -203,7 +203,7 @@ class _Entry:
     """All samples' state at the input of a stage's layer (earlier stages applied), with the
     signals the stage scores there and their calibration statistics."""
 
-    states: list[tuple]  # per sample (h, pos, n)
+    states: list[tuple]  # per sample (h, pos, n, merged-token counts or None)
     signals: list[tuple]  # per sample (mag, att, risk, div), each [1, n]
     sigma: tuple[float, ...]  # per signal: std over all samples' tokens, SIG_DIGITS digits (1 if constant)
     constant: tuple[bool, ...]  # which signals are constant (their weight is irrelevant)
@@ -277,12 +277,13 @@ class Evaluator:
         if key in memo:
             return memo[key]
         if not prefix:
-            states = [(s.hs[layer], s.pos, s.n) for s in self.samples]
+            states = [(s.hs[layer], s.pos, s.n, None) for s in self.samples]
         else:
             parent = self._entry(prefix[:-1], prefix[-1][0], memo)
             states = [self._advance(smp, st, sg, parent.sigma, prefix[-1], layer)
                       for smp, st, sg in zip(self.samples, parent.states, parent.signals)]
-        signals = [self.dep.signals(layer, h, pos, smp.start, n) for smp, (h, pos, n) in zip(self.samples, states)]
+        signals = [self.dep.signals(layer, h, pos, smp.start, n, self.dep.key_bias(cnt, smp.start))
+                   for smp, (h, pos, n, cnt) in zip(self.samples, states)]
         sigma, const = _stats(signals)
         self.sigma_cache[key] = (sigma, const)
         memo[key] = e = _Entry(states, signals, sigma, const)
@@ -293,14 +294,17 @@ class Evaluator:
         from quota_export.prune.topk import stable_topk
         from quota_export.reference import StageCfg
 
-        h, pos, n = state
+        h, pos, n, cnt = state
         layer, keep, w = stage
         start = smp.start
         idx = stable_topk(combine(StageCfg(layer, keep, w, sigma), *signals), keep)
+        if self.dep.cfg.merge:
+            cnt = self.dep.merge_counts(layer, h, pos, idx, start, n, torch.ones(n, dtype=torch.float64) if cnt is None else cnt)
+        bias = self.dep.key_bias(cnt, start)
         h, pos, pre = self.dep.prune_stage(layer, h, pos, idx, start, n)
         for l in range(layer, to_layer):
-            h, _ = self.dep.layer(l, h, pos, pre if l == layer else None)
-        return h, pos, keep
+            h, _ = self.dep.layer(l, h, pos, pre if l == layer else None, bias)
+        return h, pos, keep, cnt
 
     def stage_sigmas(self, cand: tuple) -> list[tuple[float, ...]]:
         """The sigma of each stage of a candidate (measured on the stream that stage sees)."""
@@ -331,7 +335,7 @@ class Evaluator:
                     e = self._entry(c[:-1], c[-1][0], memo)
                     tot = 0.0
                     for smp, st, sg in zip(self.samples, e.states, e.signals):
-                        h, _, _ = self._advance(smp, st, sg, e.sigma, c[-1], self.L)
+                        h = self._advance(smp, st, sg, e.sigma, c[-1], self.L)[0]
                         tot += kl(smp.ref_logp, self._head(h))
                     self.cache[c] = tot / len(self.samples)
                 self.evals += 1
@@ -457,11 +461,12 @@ def default_name(model: str | Path, scheme: str, budget: float) -> str:
 
 def calibrate(model: str | Path, data: str | Path, budget: float, scheme: str = "w4a4kv4", samples: int = 64,
               seed: int = 0, name: str | None = None, progress: bool = False, group_size: int | None = None,
-              weights: str = "rtn", signals=SIGNALS):
+              weights: str = "rtn", signals=SIGNALS, merge: str = "proportional"):
     """Run QUOTA; returns (Recipe, SearchResult).
 
     `signals`: which of magnitude/attention/risk/diversity may get a non-zero score weight
-    (ablations; default all four, the full method).
+    (ablations; default all four, the full method). `merge`: "proportional" (the full method:
+    dropped tokens are merged into their most similar kept token, DESIGN §4) or "none" (ablation).
 
     Same model, data, budget, scheme, samples and seed -> the same recipe bytes: the search has
     no randomness but the seeded sample choice, ties go to the earlier candidate, measured
@@ -471,13 +476,14 @@ def calibrate(model: str | Path, data: str | Path, budget: float, scheme: str = 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size, weights, signals)
+        return _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size, weights, signals,
+                          merge)
     finally:
         torch.set_num_threads(threads)
 
 
 def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group_size=None, weights="rtn",
-               signals=SIGNALS):
+               signals=SIGNALS, merge="proportional"):
     from quota_export import models
     from quota_export.data import load_image
     from quota_export.recipe import (
@@ -500,6 +506,8 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
         raise UserError(f"--samples: {samples} must be >= 1")
     if weights not in ("rtn", "gptq"):
         raise UserError(f"--weights: {weights!r} must be rtn or gptq")
+    if merge not in ("proportional", "none"):
+        raise UserError(f"--merge: {merge!r} must be proportional or none")
     weight_grid(signals)  # validates
     restricted = [x for x in SIGNALS if x in tuple(signals)] != list(SIGNALS)
     if weights == "gptq" and SCHEMES[scheme].weights.bits == 16:
@@ -520,7 +528,7 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
     else:
         quant = Quant(scheme=scheme)
     probe = Recipe(name="probe", model=str(model), quant=quant,
-                   pruning=Pruning(budget=1.0, n_visual=N, stages=[]))
+                   pruning=Pruning(budget=1.0, n_visual=N, stages=[], merge=merge))
     probe.check_against(spec.num_layers, N, adapter.module_names())
     cfg = DeployConfig.from_recipe(probe)
     if cfg.w_algorithm != "rtn":
@@ -539,7 +547,7 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
         name=name or default_name(model, scheme, budget),
         model=str(model),
         quant=quant,
-        pruning=Pruning(budget=float(budget), n_visual=N, stages=stages, method="quota"),
+        pruning=Pruning(budget=float(budget), n_visual=N, stages=stages, method="quota", merge=merge),
         calibration=Calibration(
             data=str(data),
             samples=len(chosen),
@@ -551,7 +559,8 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
                    f"samples; naive schedule (one attention-only stage at layer 0) {_sig(res.naive_divergence)}; "
                    f"{res.evals} candidates evaluated"
                    + (f"; ablation: score weights restricted to {', '.join(x for x in SIGNALS if x in signals)}"
-                      if restricted else "")),
+                      if restricted else "")
+                   + ("; ablation: no merging of dropped tokens" if merge == "none" else "")),
         ),
     )
     recipe.check_against(spec.num_layers, N, adapter.module_names())

@@ -20,6 +20,9 @@ def _calibrate_args(p):
                         "and written beside the recipe as <recipe stem>.weights.safetensors")
     p.add_argument("--signals", nargs="+", choices=list(SIGNALS), default=list(SIGNALS),
                    help="ablation: the score signals that may get a non-zero weight (default all four)")
+    p.add_argument("--merge", choices=["proportional", "none"], default="proportional",
+                   help="proportional (default): a dropped token is merged into its most similar kept token, whose "
+                        "attention logits get + log(count); none: dropped tokens vanish (ablation)")
     p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
     p.add_argument("--name", help="recipe name (default <model>-quota-<scheme>-b<budget>)")
@@ -34,7 +37,8 @@ def cmd_calibrate(a) -> int:
 
     t0 = time.perf_counter()
     recipe, res = calibrate(a.model, a.data, a.budget, a.scheme, a.samples, a.seed, a.name, progress=_progress(),
-                             group_size=a.group_size, weights=a.weights, signals=tuple(a.signals))
+                             group_size=a.group_size, weights=a.weights, signals=tuple(a.signals),
+                             merge=a.merge)
     if res.weights is not None:
         from quota_export.qweights import save_with_recipe
 

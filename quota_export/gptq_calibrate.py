@@ -57,6 +57,7 @@ class State:
     pos: torch.Tensor
     start: int
     n: int
+    cnt: torch.Tensor | None = None  # merged-token counts [n] (pruning.merge), after the first stage
 
 
 @dataclass
@@ -80,21 +81,23 @@ def step(dep: Deployed, layer: int, st: State) -> State:
     """Layer `layer` of `Deployed.prefill` (pruning stage at that layer included) on one sample."""
     from quota_export.prune.topk import stable_topk
 
-    h, pos, start, n = st.h, st.pos, st.start, st.n
+    h, pos, start, n, cnt = st.h, st.pos, st.start, st.n, st.cnt
     stage = dep.stage_at.get(layer)
     pre = None
     if stage is not None:
         on = getattr(dep, "on", None)
-        if on is not None:  # the scorer's own q/k/v pass is not a second copy of the inputs
+        if on is not None:  # the scorer's own q/k/v passes are not a second copy of the inputs
             dep.on = False
-        s = dep.score(stage, layer, h, pos, start, n)
+        s = dep.score(stage, layer, h, pos, start, n, dep.key_bias(cnt, start))
+        idx = stable_topk(s, stage.keep)
+        if dep.cfg.merge:
+            cnt = dep.merge_counts(layer, h, pos, idx, start, n, torch.ones(n, dtype=torch.float64) if cnt is None else cnt)
         if on is not None:
             dep.on = on
-        idx = stable_topk(s, stage.keep)
         h, pos, pre = dep.prune_stage(layer, h, pos, idx, start, n)  # q/k/v see the full stream
         n = stage.keep
-    h, _ = dep.layer(layer, h, pos, pre)
-    return State(h, pos, start, n)
+    h, _ = dep.layer(layer, h, pos, pre, dep.key_bias(cnt, start))
+    return State(h, pos, start, n, cnt)
 
 
 def output_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:

@@ -279,6 +279,9 @@ class Pruning(BaseModel):
     stages: list[Stage]  # empty = no pruning
     tie: Literal["lower_index"] = "lower_index"
     method: str = "quota"
+    # "proportional": a dropped token is merged into its most similar kept token, whose attention
+    # logits then get + log(tokens it stands for) (DESIGN §4); "none": dropped tokens vanish
+    merge: Literal["none", "proportional"] = "none"
 
     @model_validator(mode="after")
     def _schedule(self) -> Pruning:

@@ -9,9 +9,11 @@ hand from the HF module weights (not through HF's forward) so that each op match
             s_i = w_m m_i/σ_m + w_a a_i/σ_a - w_r r_i/σ_r
             keep = stable top-k (lower index wins ties), ascending
             h, pos = text ++ h[s + keep] ++ text   # original position ids are kept
+            [merge: each dropped token's count goes to its most similar kept token;
+             every later attention adds log(count) to that key's logits]
         x  = Q_A(rmsnorm(h));  q, k, v = x W_q, x W_k, x W_v   (W = DQ(Q_W(W)))
         q, k = rope(q, k, pos);  k, v = DQ(Q_KV(k)), DQ(Q_KV(v))   -> this layer's cache
-        h += Q_A(softmax(q k^T / sqrt(d) + causal) v) W_o
+        h += Q_A(softmax(q k^T / sqrt(d) + bias + causal) v) W_o
         x  = Q_A(rmsnorm(h));  h += Q_A(silu(x W_g) * x W_u) W_d
     logits = rmsnorm(h[-1]) W_lm
 """
@@ -64,6 +66,7 @@ class DeployConfig:
     kv_bits: int = 16
     kv_group: int | None = None  # None = head_dim
     stages: list[StageCfg] = field(default_factory=list)
+    merge: bool = False  # pruning.merge == "proportional" (see Deployed.merge_counts)
     fp64: bool = True  # export.reductions == "fp64" (see `Deployed`)
 
     @classmethod
@@ -93,6 +96,7 @@ class DeployConfig:
             kv_bits=kv.bits,
             kv_group=kv.group_size,
             fp64=recipe.export.reductions == "fp64",
+            merge=recipe.pruning.merge == "proportional",
             stages=[
                 StageCfg(
                     s.layer,
@@ -140,6 +144,7 @@ class LayerKV:
     v: torch.Tensor
     k_q: tuple | None = None  # (q, scale, zp) when quantized
     v_q: tuple | None = None
+    bias: torch.Tensor | None = None  # [T] additive attention-logit bias per cached key (merging)
 
 
 @dataclass
@@ -292,14 +297,17 @@ class Deployed:
         vd, vq = self.kv(v)
         return xn, x, q, kd, vd, k, v, kq, vq
 
-    def attend(self, q, k, v, causal_offset: int | None):
-        """q [1,H,Tq,d], k/v [1,kvh,Tk,d] -> probs [1,H,Tq,Tk] (hp), out [1,H,Tq,d] (fp32)."""
+    def attend(self, q, k, v, causal_offset: int | None, bias=None):
+        """q [1,H,Tq,d], k/v [1,kvh,Tk,d] -> probs [1,H,Tq,Tk] (hp), out [1,H,Tq,d] (fp32).
+        `bias` [T0] (hp, T0 <= Tk) is added to the scores of the first T0 keys (`key_bias`)."""
         q, k, v = q.to(self.hp), k.to(self.hp), v.to(self.hp)
         rep = self.spec.heads // self.spec.kv_heads
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         s = (q @ k.transpose(-1, -2)) * (self.spec.head_dim**-0.5)
+        if bias is not None:
+            s = torch.cat([s[..., : bias.numel()] + bias, s[..., bias.numel() :]], dim=-1)
         if causal_offset is not None:
             Tq, Tk = s.shape[-2], s.shape[-1]
             i = torch.arange(Tq)[:, None] + causal_offset
@@ -317,24 +325,25 @@ class Deployed:
         a = (gh * torch.sigmoid(gh)).float() * u
         return self.mm(self.act(a, layer, "mlp.down_proj"), layer, "mlp.down_proj")
 
-    def layer(self, layer: int, h, pos, pre=None):
+    def layer(self, layer: int, h, pos, pre=None, bias=None):
         """One decoder layer. `pre` = (q, k', v', k quant, v quant) already computed for these rows
         (a pruning stage computes them on the full stream and gathers the kept rows: every op
-        before attention is per token, so this equals recomputing them, and costs nothing)."""
+        before attention is per token, so this equals recomputing them, and costs nothing).
+        `bias`: the key bias of merged tokens (`key_bias`), kept with the layer's cache."""
         sp = self.spec
         if pre is None:
             _, _, q, kd, vd, _, _, kq, vq = self.qkv(layer, h, pos)
         else:
             q, kd, vd, kq, vq = pre
-        _, o = self.attend(q, kd, vd, causal_offset=0)
+        _, o = self.attend(q, kd, vd, causal_offset=0, bias=bias)
         B, T = h.shape[:2]
         o = o.transpose(1, 2).reshape(B, T, sp.heads * sp.head_dim)
         h = h + self.mm(self.act(o, layer, "self_attn.o_proj"), layer, "self_attn.o_proj")
         h = h + self.mlp(layer, h)
-        return h, LayerKV(kd, vd, kq, vq)
+        return h, LayerKV(kd, vd, kq, vq, bias)
 
     # ------------------------------------------------------------ scoring
-    def signals(self, layer: int, h, pos, start: int, n: int):
+    def signals(self, layer: int, h, pos, start: int, n: int, bias=None):
         """Per visual token [1, n] each: magnitude, attention from the text after the span, low-bit
         risk, diversity (DESIGN §4).
 
@@ -359,7 +368,7 @@ class Deployed:
         div = 1.0 - cs.masked_fill(later, -1.0).amax(dim=-1)
         T = h.shape[1]
         qt = q[:, :, start + n : T]  # instruction (text) queries after the image
-        p, _ = self.attend(qt, kd, vd, causal_offset=start + n)
+        p, _ = self.attend(qt, kd, vd, causal_offset=start + n, bias=bias)
         att = p[..., vis].mean(dim=(1, 2))  # [1, n]
         hp = self.hp
         xv = xn[:, vis]
@@ -373,8 +382,37 @@ class Deployed:
                 risk = risk + num / den
         return mag, att, risk, div
 
-    def score(self, stage, layer, h, pos, start, n):
-        return stage_score(stage, *self.signals(layer, h, pos, start, n))
+    def score(self, stage, layer, h, pos, start, n, bias=None):
+        return stage_score(stage, *self.signals(layer, h, pos, start, n, bias))
+
+    # ------------------------------------------------------------ merging (pruning.merge: proportional)
+    def merge_counts(self, layer: int, h, pos, idx, start: int, n: int, cnt):
+        """Counts of the kept tokens after a stage that keeps `idx` [1,k] (ascending) of the n
+        visual tokens with counts `cnt` [n] (float64): each dropped token adds its count to the
+        kept token most similar to it (cosine of the attention input's integer codes, as the
+        diversity signal; ties: the lower kept index). A kept token that stands for c tokens gets
+        log(c) added to its attention logits (`key_bias`): where the dropped tokens repeat a kept
+        one (e.g. background patches), the softmax sees nearly the mass it saw before pruning,
+        the proportional attention of token merging. -> [k] float64."""
+        _, (xq, _), *_ = self.qkv(layer, h, pos)
+        f = xq[0, start : start + n].to(self.hp)
+        nf = (f * f).sum(-1).sqrt().clamp_min(1e-12)
+        cs = (f @ f.T) / nf[:, None] / nf[None, :]  # as `signals` computes it (exact on codes)
+        keep = idx[0]
+        dropped = torch.ones(n, dtype=torch.bool)
+        dropped[keep] = False
+        drop = dropped.nonzero()[:, 0]
+        out = cnt[keep].clone()
+        if drop.numel():
+            out.index_add_(0, cs[drop][:, keep].argmax(dim=-1), cnt[drop])  # argmax: first maximum
+        return out
+
+    def key_bias(self, cnt, start: int):
+        """[start + k] (hp) attention-logit bias: 0 on the text before the span, log(count) on
+        the k kept visual tokens; keys after them get none. None without counts."""
+        if cnt is None:
+            return None
+        return torch.cat([torch.zeros(start, dtype=self.hp), cnt.log().to(self.hp)])
 
     def prune_stage(self, layer: int, h, pos, idx, start: int, n: int):
         """Keep the visual rows `idx` [1,k] (ascending) of the span [start, start+n) at a stage
@@ -398,20 +436,24 @@ class Deployed:
         h = embeds.float()
         orig = torch.arange(n)[None]
         cache, kept, scores = [], [], []
+        cnt = bias = None  # merged-token counts [n] and the key bias they give (pruning.merge)
         for l in range(self.spec.num_layers):
             st = self.stage_at.get(l)
             if st is not None:
                 if keep_fn is not None:
                     idx, s = keep_fn(st, l, h, pos, start, n), None
                 else:
-                    s = self.score(st, l, h, pos, start, n)
+                    s = self.score(st, l, h, pos, start, n, bias)
                     idx = stable_topk(s, st.keep)
+                if self.cfg.merge:
+                    cnt = self.merge_counts(l, h, pos, idx, start, n, torch.ones(n, dtype=torch.float64) if cnt is None else cnt)
+                    bias = self.key_bias(cnt, start)
                 h, pos, pre = self.prune_stage(l, h, pos, idx, start, n)
                 orig = orig[:, idx[0]]
                 kept.append(orig.clone())
                 scores.append(s)
                 n = st.keep
-            h, kv = self.layer(l, h, pos, pre if st is not None else None)
+            h, kv = self.layer(l, h, pos, pre if st is not None else None, bias)
             cache.append(kv)
         hl = rmsnorm(h[:, -1], self.norm, self.spec.rms_eps, self.hp)
         return PrefillOut(hl @ self.lm_head.T, cache, kept, scores, pos)
@@ -426,7 +468,7 @@ class Deployed:
             c = cache[l]
             c.k = torch.cat([c.k, kd], dim=2)
             c.v = torch.cat([c.v, vd], dim=2)
-            _, o = self.attend(q, c.k, c.v, causal_offset=None)
+            _, o = self.attend(q, c.k, c.v, causal_offset=None, bias=c.bias)
             o = o.transpose(1, 2).reshape(1, 1, sp.heads * sp.head_dim)
             h = h + self.mm(self.act(o, l, "self_attn.o_proj"), l, "self_attn.o_proj")
             h = h + self.mlp(l, h)

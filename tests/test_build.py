@@ -27,7 +27,7 @@ HEAD_DIM = 16  # hidden 64 / 4 heads in make_tiny_llava
 S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0, "diversity": 1.0},
               "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0, "diversity": 0.5}}
 
-# name -> (model fixture, quant section, stages, budget)
+# name -> (model fixture, quant section, stages, budget[, more of the pruning section])
 CONFIGS = {
     # the fixture model (4 layers, MHA), the example recipe of the brief
     "w4a4kv4": ("mha", {"scheme": "w4a4kv4"}, [{"layer": 1, "keep": 72}, {"layer": 2, "keep": 30, **S_WEIGHTED}], 0.5),
@@ -41,12 +41,16 @@ CONFIGS = {
     # weight-only INT4, asymmetric (uint4 + zero point): the MatMulNBits-fusable case
     "w4a16-asym": ("mha", {"scheme": "w4a16", "weights": {"bits": 4, "symmetric": False}},
                    [{"layer": 2, "keep": 36, **S_WEIGHTED}], 0.7),
+    # token merging (what calibrate writes): counts out of prefill, into every decode step
+    "w4a4kv4-merge": ("mha", {"scheme": "w4a4kv4"}, [{"layer": 1, "keep": 72}, {"layer": 3, "keep": 20, **S_WEIGHTED}],
+                      0.55, {"merge": "proportional"}),
 }
 
 
-def write_recipe(path: Path, name: str, model: Path, quant: dict, stages: list, budget: float, max_new: int = 4) -> Path:
+def write_recipe(path: Path, name: str, model: Path, quant: dict, stages: list, budget: float, max_new: int = 4,
+                 pruning: dict | None = None) -> Path:
     doc = {"name": name, "model": str(model), "quant": quant,
-           "pruning": {"budget": budget, "n_visual": 144, "stages": stages},
+           "pruning": {"budget": budget, "n_visual": 144, "stages": stages, **(pruning or {})},
            "export": {"max_new_tokens": max_new}}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -66,8 +70,8 @@ def built(models, tmp_path_factory):
 
     def get(name: str):
         if name not in cache:
-            which, quant, stages, budget = CONFIGS[name]
-            r = write_recipe(root / f"{name}.yaml", name, models[which], quant, stages, budget)
+            which, quant, stages, budget, *pruning = CONFIGS[name]
+            r = write_recipe(root / f"{name}.yaml", name, models[which], quant, stages, budget, pruning=(pruning or [None])[0])
             cache[name] = (r, build(load_recipe(r), root / name, str(TEST_SPLIT), SAMPLES, threads=1))
         return cache[name]
 
@@ -131,6 +135,33 @@ def test_manifest_documented_keys(built):
     assert {"torch", "onnx", "onnxruntime", "transformers", "quota_export"} <= set(m["versions"])
     pre = {o["name"]: o for o in m["graphs"]["prefill.onnx"]["outputs"]}
     assert pre["kept.0"]["shape"] == [1, 72] and pre["kept.1"]["shape"] == [1, 30]
+    assert not [x for x in pre if x.startswith("merge.")]  # merge: none (the recipe default)
+
+
+def test_merge_graph_io(built):
+    """merge.{s}: the counts after stage s, a prefill output and a decode input of the same shape;
+    the runner hands them over (the build's parity ran prefill + decode through it)."""
+    _, res = built("w4a4kv4-merge")
+    g = res.manifest["graphs"]
+    want = [{"name": "merge.0", "dtype": "float", "shape": [1, 72]}, {"name": "merge.1", "dtype": "float", "shape": [1, 20]}]
+    assert [o for o in g["prefill.onnx"]["outputs"] if o["name"].startswith("merge.")] == want
+    assert [i for i in g["decode.onnx"]["inputs"] if i["name"].startswith("merge.")] == want
+    import torch
+
+    from quota_export.build import load_deployed
+    from quota_export.data import load_bench, load_image
+    from quota_export.runtime.ort import OrtRunner
+
+    ad, dep = load_deployed(load_recipe(res.out / "recipe.yaml"))
+    runner = OrtRunner(res.out, threads=1)
+    s = load_bench(TEST_SPLIT, limit=1)[0]
+    run = runner.generate(load_image(s), s.question, 4)
+    pr = ad.prompt(load_image(s), s.question)
+    toks, ref = dep.generate(pr, 4, embeds=torch.from_numpy(runner.embeds(*runner.encode(load_image(s), s.question))))
+    assert run.tokens == toks and [c.shape for c in run.merge] == [(1, 72), (1, 20)]
+    for c, st in zip(run.merge, dep.cfg.stages):  # the counts behind the reference's key bias, exactly
+        assert c.sum() == 144 and torch.equal(dep.key_bias(torch.from_numpy(c[0]).double(), pr.visual_start),
+                                              ref.cache[st.layer].bias)
 
 
 # ---------------------------------------------------------------- graph contents

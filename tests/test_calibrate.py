@@ -86,8 +86,10 @@ def test_divergence_matches_reference_and_beats_naive(calibrated, tiny_llava):
     assert d <= _divergence_via_reference(ndep, prompts) + 1e-12
 
 
-def test_fast_path_equals_reference_prefill(tiny_llava):
-    """Evaluator (cached prefix, memoised stages, stream-measured sigmas) == Deployed.prefill bit for bit."""
+@pytest.mark.parametrize("merge", [False, True])
+def test_fast_path_equals_reference_prefill(tiny_llava, merge):
+    """Evaluator (cached prefix, memoised stages, stream-measured sigmas) == Deployed.prefill bit for bit,
+    with and without merging (the counts and key bias carried from stage to stage)."""
     from quota_export import models
     from quota_export.data import load_bench, load_image
     from quota_export.prune.baselines import restaged
@@ -95,7 +97,7 @@ def test_fast_path_equals_reference_prefill(tiny_llava):
     from quota_export.reference import DeployConfig, Deployed, StageCfg
 
     ad = models.load(tiny_llava)
-    dep = Deployed(ad, DeployConfig(w_bits=4, a_bits=4, kv_bits=4, targets=list(DEFAULT_TARGETS)))
+    dep = Deployed(ad, DeployConfig(w_bits=4, a_bits=4, kv_bits=4, targets=list(DEFAULT_TARGETS), merge=merge))
     prompts = [ad.prompt(load_image(s), s.question) for s in load_bench(DATA, limit=2)]
     ev = Evaluator(dep, prompts)
     cand = ((1, 40, (0.5, 1.0, 0.5, 1.0)), (2, 20, (1.0, 1.0, 1.0, 0.0)), (3, 7, (0.0, 1.0, 0.0, 2.0)))
@@ -112,6 +114,7 @@ def test_fast_path_equals_reference_prefill(tiny_llava):
         out = ref_dep.prefill(emb, torch.arange(emb.shape[1])[None], p.visual_start, p.n_visual)
         tot += kl(smp.ref_logp, out.logits)
     assert tot / len(prompts) == d  # bit for bit
+    assert (out.cache[-1].bias is not None) == merge
     # sigma of stage 2 is measured on the stream after stage 1 (not the unpruned one)
     unpruned = ev.stage_sigmas(((2, 20, (0.0, 1.0, 0.0, 0.0)),))[0]
     assert unpruned != sig[1]
@@ -197,3 +200,16 @@ def test_cli_signals(tiny_llava, tmp_path):
                  "--signals", "attention", "risk", "-o", str(out)]) == 0
     r = load_recipe(out)
     assert r.pruning.stages and all(s.weights.magnitude == 0.0 for s in r.pruning.stages)
+
+
+def test_merge_default_and_ablation(calibrated, tiny_llava, tmp_path):
+    """calibrate merges by default; --merge none writes merge: none and says so in the notes."""
+    from quota_export.__main__ import main
+
+    (a, _), _ = calibrated
+    assert load_recipe(a).pruning.merge == "proportional"
+    out = tmp_path / "r.yaml"
+    assert main(["calibrate", "--model", str(tiny_llava), "--data", DATA, "--budget", "0.4", "--samples", "2",
+                 "--merge", "none", "-o", str(out)]) == 0
+    r = load_recipe(out)
+    assert r.pruning.merge == "none" and "ablation: no merging of dropped tokens" in r.calibration.notes

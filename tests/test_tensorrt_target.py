@@ -28,9 +28,9 @@ def tiny128(tmp_path_factory):
     return models.load(make_tiny_llava(tmp_path_factory.mktemp("t128") / "m", hidden=128, seed=3))
 
 
-def deployed(adapter, kv_bits=4):
+def deployed(adapter, kv_bits=4, merge=False):
     cfg = DeployConfig(
-        w_bits=4, w_group=64, targets=TARGETS, ignore=["lm_head"], a_bits=4, kv_bits=kv_bits,
+        w_bits=4, w_group=64, targets=TARGETS, ignore=["lm_head"], a_bits=4, kv_bits=kv_bits, merge=merge,
         stages=[StageCfg(1, 72, (0.0, 1.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0)),
                 StageCfg(3, 20, (1.0, 1.0, 1.0, 1.0), (10.0, 0.01, 1.0, 0.5))],
     )  # fmt: skip
@@ -60,14 +60,17 @@ def test_tensorrt_target_lowers_fp32_reductions(tiny128):
         assert [v for v in check_model(m) if v.rule == "fp64"] == [], name
 
 
-@pytest.mark.parametrize("kv_bits", [4, 8])
-def test_tensorrt_graphs_pass_checker_and_match_reference(tiny128, kv_bits):
-    dep = deployed(tiny128, kv_bits)
+@pytest.mark.parametrize("kv_bits, merge", [(4, False), (8, False), (4, True)])
+def test_tensorrt_graphs_pass_checker_and_match_reference(tiny128, kv_bits, merge):
+    dep = deployed(tiny128, kv_bits, merge)
     graphs = tensorrt_target.lower(dep, 3, 21)
     assert tensorrt_target.violations(graphs) == []
     prefill = graphs["prefill.onnx"]
     ops = {n.op_type for n in prefill.graph.node}
     assert "TokenGather" in ops and "QuantizeLinear" not in ops and "TopK" not in ops
+    # merging: its ops (ScatterElements, the first-maximum ReduceMin ...) are in the graphs checked above
+    assert ("ScatterElements" in ops) == merge
+    assert any(i.name == "merge.1" for i in graphs["decode.onnx"].graph.input) == merge
     sess = session(tensorrt_target.inline_token_gathers(prefill))
     names = [o.name for o in sess.get_outputs()]
     for seed in range(4):
@@ -79,6 +82,9 @@ def test_tensorrt_graphs_pass_checker_and_match_reference(tiny128, kv_bits):
         out = dict(zip(names, sess.run(None, {"inputs_embeds": emb.numpy(), "position_ids": np.arange(T)[None]})))
         for i, k in enumerate(ref.kept):
             np.testing.assert_array_equal(out[f"kept.{i}"], k.numpy())
+        for i, st in enumerate(dep.cfg.stages if merge else []):  # counts -> the reference's (fp32) key bias
+            assert torch.equal(dep.key_bias(torch.from_numpy(out[f"merge.{i}"][0]).double(), pr.visual_start),
+                               ref.cache[st.layer].bias)
         assert sqnr_db(ref.logits.numpy(), out["logits"]) >= 40.0
 
 

@@ -2,8 +2,8 @@
 
     image -> processor -> pixel_values -> vision.onnx -> features [1,N,D]
     prompt ids -> embed.onnx -> embeds; embeds[s:s+N] = features
-    prefill.onnx(embeds, position_ids) -> logits, present.*, kept.*
-    loop: argmax -> embed.onnx -> decode.onnx(embeds, pos, past.* = present.*) -> logits
+    prefill.onnx(embeds, position_ids) -> logits, present.*, kept.* (, merge.* with pruning.merge)
+    loop: argmax -> embed.onnx -> decode.onnx(embeds, pos, past.* = present.*, merge.* = prefill's) -> logits
 
 position_ids are [1,T] / [1,1] (1-D RoPE), or with manifest `model.mrope` the M-RoPE planes
 [P,1,T] / [P,1,1] rebuilt from the visual block's recorded layout (the image size is fixed per build).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +162,7 @@ class RunResult:
     prefill_logits: np.ndarray  # [1, V]
     kept: list[np.ndarray]  # per stage [1, k]
     cache_bytes: int  # bytes of the KV cache after prefill (all layers, keys + values + scales)
+    merge: list[np.ndarray] = field(default_factory=list)  # per stage [1, k] merged-token counts (pruning.merge)
 
 
 class OrtRunner:
@@ -271,6 +272,8 @@ class OrtRunner:
         kept = [out[f"kept.{i}"] for i in range(len(self.manifest["schedule"]))]
         past = {k.replace("present.", "past.", 1): v for k, v in out.items() if k.startswith("present.")}
         cache_bytes = sum(v.nbytes for v in past.values())
+        # merged-token counts: decode rebuilds every step's key bias from prefill's (they never change)
+        merge = {k: v for k, v in out.items() if k.startswith("merge.")}
         logits0 = out["logits"]
         logits, toks, p = logits0, [], int(pos.max()) + 1
         for _ in range(max_new):
@@ -279,8 +282,8 @@ class OrtRunner:
             if t == self.eos:
                 break
             e = self._run("embed.onnx", {"input_ids": np.array([[t]], np.int64)})["inputs_embeds"]
-            o = self._run("decode.onnx", {"inputs_embeds": e, "position_ids": self.step_position(p), **past})
+            o = self._run("decode.onnx", {"inputs_embeds": e, "position_ids": self.step_position(p), **past, **merge})
             past = {k.replace("present.", "past.", 1): v for k, v in o.items() if k.startswith("present.")}
             logits, p = o["logits"], p + 1
         text = self.processor.tokenizer.decode(toks, skip_special_tokens=True).strip()
-        return RunResult(toks, text, logits0, kept, cache_bytes)
+        return RunResult(toks, text, logits0, kept, cache_bytes, [merge[f"merge.{i}"] for i in range(len(merge))])
