@@ -3,7 +3,7 @@
     python benchmarks/retention.py [--model models/shapes-llava] [--bench calib_data/shapes/test.jsonl]
         [--samples N [N ...]] [--calib calib_data/shapes/calib.jsonl] [--calib-samples 64]
         [--schemes w4a4kv4] [--budgets 0.3 0.5 0.15] [--ablations-at B ...] [--ablations A ...] [--threads 1]
-        [--out benchmarks/retention.md]
+        [--reuse] [--out benchmarks/retention.md]
 
 Per (scheme, budget), on a task-balanced slice of the bench (`--samples`: one count for every
 budget, or one per budget in the order of --budgets):
@@ -13,7 +13,9 @@ budget, or one per budget in the order of --budgets):
   schedule search, calibrated here on the calibration split, which shares no scene with the test
   split);
   each stage-wise baseline (pruning scored on the FP model, replayed in the quantized model) with
-  RTN weights and with GPTQ calibrated on full, unpruned streams (<scheme>-gptq);
+  RTN weights and with GPTQ calibrated on full, unpruned streams (<scheme>-gptq), each also with
+  the token merging QUOTA recipes use (`+ merge`: `eval --merge`), which separates what merging
+  brings from what the joint calibration brings;
   ablations (--ablations, default all): QUOTA without magnitude / attention / risk / diversity (the
   calibration search with that signal's score weight fixed at 0: calibrate(signals=...)), RTN
   weights; QUOTA without merging (dropped tokens vanish: calibrate(merge="none")), RTN weights; and
@@ -23,7 +25,9 @@ Every row: mean kept fraction, accuracy per task, overall, retention (mean over 
 / FP accuracy), agreement with the FP answer, KL(P_fp || P) of the first answer token, seconds.
 The report is rewritten after each budget (a partial run leaves a valid partial table) and ends
 with a summary: QUOTA vs the best stage-wise combination per budget. Calibrated recipes (and
-GPTQ weight files) go beside it in <out stem>_recipes/ (git-ignored: the weight files are MBs).
+GPTQ weight files) go beside it in <out stem>_recipes/ (git-ignored: the weight files are MBs);
+`--reuse` takes the recipes already there (checked: same model, calibration data, samples, seed)
+instead of calibrating again, e.g. to add rows to a report without repeating hours of search.
 """
 
 from __future__ import annotations
@@ -66,12 +70,15 @@ def main(argv=None) -> int:
     ap.add_argument("--schemes", nargs="+", default=["w4a4kv4"])
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5, 0.15])
     ap.add_argument("--ablations-at", nargs="*", type=float,
-                    help="budgets that get the ablation rows (default: every budget; none: no ablations)")
+                    help="budgets that get the ablation rows (default: every budget; the flag with no value: no ablations)")
     ap.add_argument("--ablations", nargs="+", choices=ABLATIONS, default=list(ABLATIONS),
                     help="which ablations (default all): a signal = QUOTA without it, merge = QUOTA without "
                          "merging, schedule = QUOTA's schedule with GPTQ on full streams")
     ap.add_argument("--note", action="append", default=[], help="a line for the top of the report (repeatable)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the calibrated recipes already in <out stem>_recipes/ (same model, calibration "
+                         "data, samples and seed) instead of calibrating again; the report says so")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "retention.md")
     a = ap.parse_args(argv)
     if a.samples is None:
@@ -166,7 +173,9 @@ def _run(a, model_arg, progress, t_start) -> int:
         "as FP full-token. KL = mean KL(P_fp || P) of the first answer token (nats). Kept = mean fraction "
         "of visual tokens over all decoder layers. Stage-wise baselines: pruning scored on the FP model's "
         "own stream, the quantized model drops the same tokens; weights RTN, or GPTQ calibrated on the "
-        "full (unpruned) token streams (`-gptq`). QUOTA: schedule and score weights searched under the "
+        "full (unpruned) token streams (`-gptq`); `+ merge`: the same, with each dropped token merged into its "
+        "most similar kept token in the FP selection pass and in the quantized model, as QUOTA recipes do "
+        "(`eval --merge`). QUOTA: schedule and score weights searched under the "
         "deployed quantizers (RTN); `+ GPTQ (pruned streams)` = GPTQ calibrated on the streams of that "
         "pruned, quantized model; dropped tokens are merged into their most similar kept token "
         "(`pruning.merge: proportional`). Ablations: the QUOTA search with one signal's score weight fixed at 0 "
@@ -193,7 +202,8 @@ def _run(a, model_arg, progress, t_start) -> int:
         if summary:
             body += ["## Summary: QUOTA vs the best stage-wise combination", "",
                      "Best stage-wise = the highest retention (and, separately, the lowest KL) over all "
-                     f"{2 * len(BASELINES)} stage-wise rows (5 pruners x RTN/GPTQ-full) at that budget. "
+                     f"{4 * len(BASELINES)} stage-wise rows (5 pruners x RTN/GPTQ-full x without/with merging) "
+                     "at that budget. "
                      "QUOTA wins if its retention is >= and its KL <= the best stage-wise values.", "",
                      "| scheme | budget | samples | QUOTA variant | retention | best stage-wise retention | ratio "
                      "| KL | best stage-wise KL | KL ratio | wins? |",
@@ -203,20 +213,43 @@ def _run(a, model_arg, progress, t_start) -> int:
     def say(msg):
         print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
+    def reused(path: Path):
+        """With --reuse, the recipe an earlier run calibrated at `path` (None if absent); one that was
+        calibrated on another model, data, sample count or seed stops the run."""
+        if not (a.reuse and path.exists()):
+            return None
+        r = load_recipe(path)
+        c = r.calibration
+        got = (r.model, c.data, c.samples, c.seed) if c is not None else None
+        want = (model_arg, a.calib, a.calib_samples, a.seed)
+        if got != want:
+            sys.exit(f"error: --reuse: {path} was calibrated with (model, data, samples, seed) = {got}, "
+                     f"this run uses {want}; remove the file or drop --reuse")
+        say(f"reusing {path}")
+        return r
+
     for scheme in a.schemes:
         gscheme = f"{scheme}-gptq"
         for budget, n in zip(a.budgets, a.samples):
             h = harness(n)
             tag = f"{scheme}-b{budget:g}"
-            say(f"[{tag}] calibrating QUOTA (+ GPTQ on its pruned streams) ...")
-            t = time.perf_counter()
-            rg, res = calibrate(a.model, a.calib, budget, scheme, a.calib_samples, a.seed,
-                                name=f"bench-quota-{tag}-gptq", progress=progress, weights="gptq")
-            cal_s = time.perf_counter() - t
-            g, meta = res.weights
-            rg = rg.model_copy(update={"model": model_arg})
             rpath = rec_dir / f"bench-quota-{tag}-gptq.yaml"
-            save_with_recipe(rg, g.qweights, meta, rpath)
+            rg = reused(rpath)
+            if rg is None:
+                say(f"[{tag}] calibrating QUOTA (+ GPTQ on its pruned streams) ...")
+                t = time.perf_counter()
+                rg, res = calibrate(a.model, a.calib, budget, scheme, a.calib_samples, a.seed,
+                                    name=f"bench-quota-{tag}-gptq", progress=progress, weights="gptq")
+                cal_s = time.perf_counter() - t
+                g, meta = res.weights
+                rg = rg.model_copy(update={"model": model_arg})
+                save_with_recipe(rg, g.qweights, meta, rpath)
+                cal_line = (f"calibration divergence {res.divergence:.4g} (naive single stage at layer 0: "
+                            f"{res.naive_divergence:.4g}); {res.evals} candidates; GPTQ on the pruned streams: "
+                            f"layer output error {g.error_ratio():.4f} of RTN's; search + GPTQ {cal_s:.0f} s.")
+            else:
+                cal_line = (f"calibration divergence {rg.calibration.divergence:.4g} ({rg.calibration.notes}); "
+                            "recipe reused from an earlier run of this script (`--reuse`).")
             rg = load_recipe(rpath)  # the weights file is found beside the recipe
             rr = _rtn_recipe(rg).model_copy(update={"name": f"bench-quota-{tag}"})
             save_recipe(rr, rec_dir / f"bench-quota-{tag}.yaml")
@@ -239,6 +272,12 @@ def _run(a, model_arg, progress, t_start) -> int:
                     m, s = _timed(lambda: h.evaluate(b, q, budget))
                     base_ms.append((f"{q} + {b}", m))
                     rows.append(row(f"{q} + {b} (stage-wise)", m, s))
+            for q in (scheme, gscheme):
+                for b in BASELINES:
+                    say(f"[{tag}] {b} + merge {q} ...")
+                    m, s = _timed(lambda: h.evaluate(b, q, budget, merge=True))
+                    base_ms.append((f"{q} + {b} + merge", m))
+                    rows.append(row(f"{q} + {b} + merge (stage-wise)", m, s))
             say(f"[{tag}] QUOTA ...")
             mq, sq = _timed(lambda: h.evaluate("quota", recipe=rr))
             mg, sg = _timed(lambda: h.evaluate("quota", recipe=rg))
@@ -249,19 +288,24 @@ def _run(a, model_arg, progress, t_start) -> int:
                 for drop in [x for x in ABLATIONS if x in a.ablations and x != "schedule"]:
                     keep = tuple(x for x in SIGNALS if x != drop)
                     say(f"[{tag}] ablation: QUOTA without {drop} ...")
-                    t = time.perf_counter()
-                    ra, resa = calibrate(a.model, a.calib, budget, scheme, a.calib_samples, a.seed,
-                                         name=f"bench-quota-{tag}-no-{drop}", progress=progress, signals=keep,
-                                         merge="none" if drop == "merge" else "proportional")
-                    ca_s = time.perf_counter() - t
-                    ra = ra.model_copy(update={"model": model_arg})
-                    save_recipe(ra, rec_dir / f"bench-quota-{tag}-no-{drop}.yaml")
+                    apath = rec_dir / f"bench-quota-{tag}-no-{drop}.yaml"
+                    ra = reused(apath)
+                    if ra is None:
+                        t = time.perf_counter()
+                        ra, _ = calibrate(a.model, a.calib, budget, scheme, a.calib_samples, a.seed,
+                                             name=f"bench-quota-{tag}-no-{drop}", progress=progress, signals=keep,
+                                             merge="none" if drop == "merge" else "proportional")
+                        how = f"{time.perf_counter() - t:.0f} s"
+                        ra = ra.model_copy(update={"model": model_arg})
+                        save_recipe(ra, apath)
+                    else:
+                        how = "reused (`--reuse`)"
                     m, s = _timed(lambda: h.evaluate("quota", recipe=ra))
                     rows.append(row(f"ablation: QUOTA without {drop} (RTN)", m, s))
                     abl_notes.append(
                         f"without {drop}: schedule " + ", ".join(
                             f"L{st.layer}:{st.keep} {_weights(st)}" for st in ra.pruning.stages)
-                        + f", divergence {resa.divergence:.4g}, {ca_s:.0f} s")
+                        + f", divergence {ra.calibration.divergence:.4g}, {how}")
                 if "schedule" in a.ablations:
                     say(f"[{tag}] ablation: QUOTA schedule + GPTQ on full streams ...")
 
@@ -273,10 +317,7 @@ def _run(a, model_arg, progress, t_start) -> int:
                     rows.append(row("ablation: QUOTA schedule + GPTQ on full streams (stage-wise quantizer)", m, s))
             sections += [
                 f"## {scheme}, budget {budget:g} ({len(h.samples)} test samples)", "",
-                f"QUOTA schedule {sched}; score weights {wts}; calibration divergence {res.divergence:.4g} "
-                f"(naive single stage at layer 0: {res.naive_divergence:.4g}); {res.evals} candidates; "
-                f"GPTQ on the pruned streams: layer output error {g.error_ratio():.4f} of RTN's; "
-                f"search + GPTQ {cal_s:.0f} s.", "",
+                f"QUOTA schedule {sched}; score weights {wts}; {cal_line}", "",
                 *([f"Ablation calibrations: {'; '.join(abl_notes)}.", ""] if abl_notes else []),
                 head, *rows, ""]
             best_r = max(base_ms, key=lambda x: x[1]["retention"])

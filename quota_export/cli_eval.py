@@ -23,6 +23,9 @@ def _eval_args(p):
     p.add_argument("--budget", type=float, help="mean kept fraction of visual tokens (baselines)")
     p.add_argument("--samples", type=int, help="task-balanced slice of the benchmark (default: all)")
     p.add_argument("--blank", action="store_true", help="replace every image by a blank one (no-image control)")
+    p.add_argument("--merge", action="store_true",
+                   help="stage-wise baselines: merge each dropped token into its most similar kept token "
+                        "(as pruning.merge: proportional; a recipe carries its own)")
     p.add_argument("--json", type=Path, help="write {overall, per_task, retention, agreement, kl} as JSON")
 
 
@@ -52,9 +55,9 @@ def cmd_eval(a) -> int:
     if a.samples is not None and a.samples < 1:
         raise UserError(f"--samples: {a.samples} must be >= 1")
     h = Harness(model, a.bench, a.samples, progress=_progress(), calib=a.calib)
-    m = h.evaluate(method, a.quant, a.budget, recipe, a.blank)
-    what = recipe.name if recipe is not None else f"{method}" + (f" {a.quant}" if a.quant else "") + (
-        f" budget {a.budget:g}" if a.budget is not None else "")
+    m = h.evaluate(method, a.quant, a.budget, recipe, a.blank, a.merge)
+    what = recipe.name if recipe is not None else f"{method}" + (" + merge" if a.merge else "") + (
+        f" {a.quant}" if a.quant else "") + (f" budget {a.budget:g}" if a.budget is not None else "")
     print(f"{what}{' (blank images)' if a.blank else ''}: {m['samples']} samples, mean kept {m['mean_kept']:.4f}")
     w = max(len(t) for t in m["per_task"])
     print(f"  {'task':<{w}}  accuracy  fp")

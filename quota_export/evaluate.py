@@ -209,12 +209,18 @@ class Harness:
         return _FP_CACHE[self.key]
 
     def run(self, method: str, quant: str | None = None, budget: float | None = None, recipe=None,
-            blank: bool = False) -> RunResult:
+            blank: bool = False, merge: bool = False) -> RunResult:
+        """`merge` (stage-wise baselines only): dropped tokens are merged into their most similar
+        kept token, in the FP selection pass and in the quantized model (a recipe says it with
+        `pruning.merge`)."""
         from quota_export.prune import baselines
 
         if method not in METHODS:
             raise UserError(f"--method: unknown method {method!r} (known: {', '.join(METHODS)})")
         prompts = self.prompts(blank)
+        if merge and method not in baselines.METHODS:
+            raise UserError(f"--merge applies to the stage-wise baselines, not {method} "
+                            "(a recipe sets it with pruning.merge)")
         if method == "quota":
             if recipe is None:
                 raise UserError("--method quota needs --recipe")
@@ -240,15 +246,17 @@ class Harness:
             sched = baselines.schedule(method, n, spec.num_layers, budget)
         except ValueError as e:
             raise UserError(f"--budget: {e}") from None
-        qdep = baselines.restaged(dep, sched)
+        qdep = baselines.restaged(dep, sched, merge)
         fp = self.deployed("fp")
 
         def keep_fn_for(i, p):
             emb = fp.embed_prompt(p)
             pos = p.positions()
-            return baselines.stagewise_keep_fn(method, fp, sched, emb, pos, p.visual_start, p.n_visual, seed=i)
+            return baselines.stagewise_keep_fn(method, fp, sched, emb, pos, p.visual_start, p.n_visual, seed=i,
+                                               merge=merge)
 
-        return self._generate(qdep, prompts, keep_fn_for if sched else None, desc=f"eval {method} {quant}")
+        return self._generate(qdep, prompts, keep_fn_for if sched else None,
+                              desc=f"eval {method}{' + merge' if merge else ''} {quant}")
 
     # -- metrics
     def score(self, res: RunResult) -> dict:
@@ -270,8 +278,8 @@ class Harness:
         }
 
     def evaluate(self, method: str, quant: str | None = None, budget: float | None = None, recipe=None,
-                 blank: bool = False) -> dict:
-        return self.score(self.run(method, quant, budget, recipe, blank))
+                 blank: bool = False, merge: bool = False) -> dict:
+        return self.score(self.run(method, quant, budget, recipe, blank, merge))
 
 
 JSON_KEYS = ("overall", "per_task", "retention", "agreement", "kl")

@@ -88,3 +88,22 @@ def test_blank_image_shapes(tiny_llava):
 
     assert np.array_equal(blank_image(ad, BENCH), render(make_scene(5), blank=True))
     assert not blank_image(ad, "/tmp/elsewhere/b.jsonl").any()
+
+
+def test_stagewise_merge(tiny_llava, capsys):
+    from quota_export.__main__ import main
+    from quota_export.evaluate import Harness
+    from quota_export.prune import baselines
+
+    h = Harness(tiny_llava, BENCH, samples=2)
+    plain = h.run("fastv", "w4a4kv4", 0.3)
+    merged = h.run("fastv", "w4a4kv4", 0.3, merge=True)
+    assert merged.mean_kept == plain.mean_kept  # the same tokens are kept ...
+    assert not torch.equal(merged.first_logp, plain.first_logp)  # ... but the dropped ones still count
+    dep = h.deployed("w4a4kv4")
+    view = baselines.restaged(dep, [(2, 10)], merge=True)
+    assert view.cfg.merge and not dep.cfg.merge and view.qweights is dep.qweights  # a view; dep untouched
+    rc = main(["eval", "--model", str(tiny_llava), "--bench", BENCH, "--method", "none", "--quant", "w4a4kv4",
+               "--samples", "2", "--merge"])
+    assert rc != 0
+    assert "--merge applies to the stage-wise baselines, not none" in capsys.readouterr().err

@@ -151,18 +151,23 @@ def stage_cfgs(sched: list[tuple[int, int]]):
     return [StageCfg(l, k, (0.0, 1.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0)) for l, k in sched]
 
 
-def restaged(dep, sched: list[tuple[int, int]]):
-    """A view of `dep` (same weights, shared) whose prefill prunes at `sched` [(layer, keep)]."""
+def restaged(dep, sched: list[tuple[int, int]], merge: bool = False):
+    """A view of `dep` (same weights, shared) whose prefill prunes at `sched` [(layer, keep)];
+    `merge`: dropped tokens are merged into their most similar kept token, as a recipe's
+    `pruning.merge: proportional` (`Deployed.merge_counts`)."""
     d = copy.copy(dep)
-    d.cfg = replace(dep.cfg, stages=stage_cfgs(sched))
+    d.cfg = replace(dep.cfg, stages=stage_cfgs(sched), merge=merge)
     d.stage_at = {s.layer: s for s in d.cfg.stages}
     return d
 
 
-def fp_selection(fp_dep, method: str, sched, embeds, pos, start: int, n: int, seed: int = 0) -> list[torch.Tensor]:
-    """Run the FP model's prefill with the baseline's schedule and selector; returns the indices
-    chosen at each stage, relative to the tokens present at that stage ([1, k] ascending)."""
-    d = restaged(fp_dep, sched)
+def fp_selection(fp_dep, method: str, sched, embeds, pos, start: int, n: int, seed: int = 0,
+                 merge: bool = False) -> list[torch.Tensor]:
+    """Run the FP model's prefill with the baseline's schedule and selector (with `merge`, the FP
+    stream merges the dropped tokens too, so later stages score what the FP model then sees);
+    returns the indices chosen at each stage, relative to the tokens present at that stage ([1, k]
+    ascending)."""
+    d = restaged(fp_dep, sched, merge)
     sel = Selector(method, seed)
     chosen: list[torch.Tensor] = []
 
@@ -188,6 +193,7 @@ def replay(chosen: list[torch.Tensor]):
     return keep_fn
 
 
-def stagewise_keep_fn(method: str, fp_dep, sched, embeds, pos, start: int, n: int, seed: int = 0):
-    """The keep_fn a quantized `restaged(dep, sched)` uses for one prompt: FP selection, replayed."""
-    return replay(fp_selection(fp_dep, method, sched, embeds, pos, start, n, seed))
+def stagewise_keep_fn(method: str, fp_dep, sched, embeds, pos, start: int, n: int, seed: int = 0,
+                      merge: bool = False):
+    """The keep_fn a quantized `restaged(dep, sched, merge)` uses for one prompt: FP selection, replayed."""
+    return replay(fp_selection(fp_dep, method, sched, embeds, pos, start, n, seed, merge))
