@@ -3,7 +3,7 @@
     python benchmarks/retention.py [--model models/shapes-llava] [--bench calib_data/shapes/test.jsonl]
         [--samples N [N ...]] [--calib calib_data/shapes/calib.jsonl] [--calib-samples 64]
         [--schemes w4a4kv4] [--budgets 0.3 0.5 0.15] [--ablations-at B ...] [--ablations A ...] [--threads 1]
-        [--reuse] [--out benchmarks/retention.md]
+        [--reuse] [--recipe R] [--out benchmarks/retention.md]
 
 Per (scheme, budget), on a task-balanced slice of the bench (`--samples`: one count for every
 budget, or one per budget in the order of --budgets):
@@ -28,6 +28,10 @@ with a summary: QUOTA vs the best stage-wise combination per budget. Calibrated 
 GPTQ weight files) go beside it in <out stem>_recipes/ (git-ignored: the weight files are MBs);
 `--reuse` takes the recipes already there (checked: same model, calibration data, samples, seed)
 instead of calibrating again, e.g. to add rows to a report without repeating hours of search.
+`--recipe R` evaluates a QUOTA recipe calibrated elsewhere (e.g. `recipes/default.yaml`) in place
+of this script's own search: its budget and scheme become the only ones run, the QUOTA row is
+that recipe as written (a `+ GPTQ` row only if its weights are GPTQ-calibrated), and of the
+ablations only `schedule` applies (the others are searches of their own).
 """
 
 from __future__ import annotations
@@ -79,8 +83,23 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the calibrated recipes already in <out stem>_recipes/ (same model, calibration "
                          "data, samples and seed) instead of calibrating again; the report says so")
+    ap.add_argument("--recipe", type=Path, default=None,
+                    help="evaluate this QUOTA recipe instead of calibrating one (its budget and scheme only; "
+                         "of the ablations only `schedule`)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "retention.md")
     a = ap.parse_args(argv)
+    if a.recipe is not None:
+        from quota_export import UserError
+        from quota_export.recipe import load_recipe
+
+        try:
+            given = load_recipe(a.recipe)
+        except UserError as e:
+            ap.error(f"--recipe: {e}")
+        if given.pruning is None or not given.pruning.stages:
+            ap.error(f"--recipe: {a.recipe} prunes no visual tokens (pruning.stages is empty)")
+        a.budgets, a.schemes = [given.pruning.budget], [given.quant.scheme]
+        a.ablations = [x for x in a.ablations if x == "schedule"]
     if a.samples is None:
         a.samples = [None] * len(a.budgets)
     elif len(a.samples) == 1:
@@ -165,7 +184,7 @@ def _run(a, model_arg, progress, t_start) -> int:
         *([""] if a.note else []),
         f"Model `{model_arg}` (training step {_model_step(a.model)}), bench `{a.bench}` (task-balanced slices: "
         + ", ".join(f"budget {b:g}: {n if n else 'all'} samples" for b, n in zip(a.budgets, a.samples))
-        + f"), QUOTA and GPTQ calibrated on `{a.calib}` ({a.calib_samples} samples, seed {a.seed}).",
+        + f"), {'GPTQ (full streams)' if a.recipe else 'QUOTA and GPTQ'} calibrated on `{a.calib}` ({a.calib_samples} samples, seed {a.seed}).",
         f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}; python {platform.python_version()}; "
         f"{a.threads} thread(s).",
         "",
@@ -233,26 +252,38 @@ def _run(a, model_arg, progress, t_start) -> int:
         for budget, n in zip(a.budgets, a.samples):
             h = harness(n)
             tag = f"{scheme}-b{budget:g}"
-            rpath = rec_dir / f"bench-quota-{tag}-gptq.yaml"
-            rg = reused(rpath)
-            if rg is None:
-                say(f"[{tag}] calibrating QUOTA (+ GPTQ on its pruned streams) ...")
-                t = time.perf_counter()
-                rg, res = calibrate(a.model, a.calib, budget, scheme, a.calib_samples, a.seed,
-                                    name=f"bench-quota-{tag}-gptq", progress=progress, weights="gptq")
-                cal_s = time.perf_counter() - t
-                g, meta = res.weights
-                rg = rg.model_copy(update={"model": model_arg})
-                save_with_recipe(rg, g.qweights, meta, rpath)
-                cal_line = (f"calibration divergence {res.divergence:.4g} (naive single stage at layer 0: "
-                            f"{res.naive_divergence:.4g}); {res.evals} candidates; GPTQ on the pruned streams: "
-                            f"layer output error {g.error_ratio():.4f} of RTN's; search + GPTQ {cal_s:.0f} s.")
+            if a.recipe is not None:
+                given = load_recipe(a.recipe)
+                c = given.calibration
+                cal_line = (f"QUOTA recipe `{a.recipe}` (`{given.name}`, not calibrated by this run"
+                            + (f"; calibrated on `{c.data}`, {c.samples} samples, seed {c.seed}, divergence "
+                               f"{c.divergence:.4g}" if c is not None and c.divergence is not None else "")
+                            + f"; weight group size {given.quant.weights.group_size if given.quant.weights else '-'}"
+                            + f"; merge: {given.pruning.merge}).")
+                w = given.quant.weights
+                rg = given if w is not None and w.algorithm == "gptq" and w.calibrated else None
+                rr = _rtn_recipe(given)
             else:
-                cal_line = (f"calibration divergence {rg.calibration.divergence:.4g} ({rg.calibration.notes}); "
-                            "recipe reused from an earlier run of this script (`--reuse`).")
-            rg = load_recipe(rpath)  # the weights file is found beside the recipe
-            rr = _rtn_recipe(rg).model_copy(update={"name": f"bench-quota-{tag}"})
-            save_recipe(rr, rec_dir / f"bench-quota-{tag}.yaml")
+                rpath = rec_dir / f"bench-quota-{tag}-gptq.yaml"
+                rg = reused(rpath)
+                if rg is None:
+                    say(f"[{tag}] calibrating QUOTA (+ GPTQ on its pruned streams) ...")
+                    t = time.perf_counter()
+                    rg, res = calibrate(a.model, a.calib, budget, scheme, a.calib_samples, a.seed,
+                                        name=f"bench-quota-{tag}-gptq", progress=progress, weights="gptq")
+                    cal_s = time.perf_counter() - t
+                    g, meta = res.weights
+                    rg = rg.model_copy(update={"model": model_arg})
+                    save_with_recipe(rg, g.qweights, meta, rpath)
+                    cal_line = (f"calibration divergence {res.divergence:.4g} (naive single stage at layer 0: "
+                                f"{res.naive_divergence:.4g}); {res.evals} candidates; GPTQ on the pruned streams: "
+                                f"layer output error {g.error_ratio():.4f} of RTN's; search + GPTQ {cal_s:.0f} s.")
+                else:
+                    cal_line = (f"calibration divergence {rg.calibration.divergence:.4g} ({rg.calibration.notes}); "
+                                "recipe reused from an earlier run of this script (`--reuse`).")
+                rg = load_recipe(rpath)  # the weights file is found beside the recipe
+                rr = _rtn_recipe(rg).model_copy(update={"name": f"bench-quota-{tag}"})
+                save_recipe(rr, rec_dir / f"bench-quota-{tag}.yaml")
             sched = ", ".join(f"L{s.layer}:{s.keep}" for s in rr.pruning.stages)
             wts = "; ".join(f"L{s.layer} (m, a, r, d) = {_weights(s)}" for s in rr.pruning.stages)
 
@@ -280,9 +311,12 @@ def _run(a, model_arg, progress, t_start) -> int:
                     rows.append(row(f"{q} + {b} + merge (stage-wise)", m, s))
             say(f"[{tag}] QUOTA ...")
             mq, sq = _timed(lambda: h.evaluate("quota", recipe=rr))
-            mg, sg = _timed(lambda: h.evaluate("quota", recipe=rg))
-            rows += [row(f"{scheme} + QUOTA (RTN)", mq, sq),
-                     row(f"{scheme} + QUOTA + GPTQ (pruned streams)", mg, sg)]
+            rows.append(row(f"{scheme} + QUOTA (RTN)", mq, sq))
+            variants = [("RTN", mq)]
+            if rg is not None:
+                mg, sg = _timed(lambda: h.evaluate("quota", recipe=rg))
+                rows.append(row(f"{scheme} + QUOTA + GPTQ (pruned streams)", mg, sg))
+                variants.append(("GPTQ (pruned streams)", mg))
             abl_notes = []
             if a.ablations_at is None or any(abs(budget - x) < 1e-9 for x in a.ablations_at):
                 for drop in [x for x in ABLATIONS if x in a.ablations and x != "schedule"]:
@@ -322,7 +356,7 @@ def _run(a, model_arg, progress, t_start) -> int:
                 head, *rows, ""]
             best_r = max(base_ms, key=lambda x: x[1]["retention"])
             best_k = min(base_ms, key=lambda x: x[1]["kl"])
-            for label, m in (("RTN", mq), ("GPTQ (pruned streams)", mg)):
+            for label, m in variants:
                 wins = m["retention"] >= best_r[1]["retention"] and m["kl"] <= best_k[1]["kl"]
                 summary.append(
                     f"| {scheme} | {budget:g} | {len(h.samples)} | QUOTA {label} | {_f(m['retention'])} | "

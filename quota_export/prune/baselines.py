@@ -151,12 +151,12 @@ def stage_cfgs(sched: list[tuple[int, int]]):
     return [StageCfg(l, k, (0.0, 1.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0)) for l, k in sched]
 
 
-def restaged(dep, sched: list[tuple[int, int]], merge: bool = False):
+def restaged(dep, sched: list[tuple[int, int]], merge: bool | None = None):
     """A view of `dep` (same weights, shared) whose prefill prunes at `sched` [(layer, keep)];
     `merge`: dropped tokens are merged into their most similar kept token, as a recipe's
-    `pruning.merge: proportional` (`Deployed.merge_counts`)."""
+    `pruning.merge: proportional` (`Deployed.merge_counts`); None keeps `dep`'s setting."""
     d = copy.copy(dep)
-    d.cfg = replace(dep.cfg, stages=stage_cfgs(sched), merge=merge)
+    d.cfg = replace(dep.cfg, stages=stage_cfgs(sched), merge=dep.cfg.merge if merge is None else merge)
     d.stage_at = {s.layer: s for s in d.cfg.stages}
     return d
 
