@@ -53,7 +53,9 @@ ABLATIONS = (*SIGNALS, "merge", "schedule")
 
 
 def _weights(st) -> str:
-    """(m, a, r, d) = the stage's score weights."""
+    """(m, a, r, d) = the stage's score weights, or "max-min" for a `select: maxmin` stage."""
+    if st.select == "maxmin":
+        return "max-min"
     w = st.weights
     return f"({w.magnitude:g}, {w.attention:g}, {w.risk:g}, {w.diversity:g})"
 

@@ -413,7 +413,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
             "num_layers": spec.num_layers,
             **({"mrope": mrope_layout(probe)} if probe.position_ids is not None else {}),
         },
-        "schedule": [{"layer": s.layer, "keep": s.keep} for s in dep.cfg.stages],
+        "schedule": [{"layer": s.layer, "keep": s.keep, "select": s.select} for s in dep.cfg.stages],
         "kept_per_layer": kept_per_layer([s.layer for s in dep.cfg.stages], [s.keep for s in dep.cfg.stages],
                                          probe.n_visual, spec.num_layers),
         "kv_cache": {"bits": dep.cfg.kv_bits, "group_size": dep.cfg.kv_group or spec.head_dim},

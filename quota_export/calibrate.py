@@ -5,7 +5,8 @@ scheme, RTN weights), prefill only:
 
     samples --prompt/embed--> h_0 --quantized unpruned prefill--> h_l (input of every layer l),
                                                                   p_ref = softmax(logits)   (cached)
-    candidate = stages [(layer, keep, (w_m, w_a, w_r, w_d))]
+    candidate = stages [(layer, keep, (w_m, w_a, w_r, w_d))]; all-zero weights = max-min selection
+                (`select: maxmin`: greedy DivPrune-style set selection on the stage's codes)
     stage j: signals (magnitude, attention, risk, diversity) = Deployed.signals on the stream stage j sees
              (stages < j applied); sigma_j = their std over all calibration visual tokens
              present there (SIG_DIGITS significant digits; 1 for a constant signal)
@@ -14,7 +15,8 @@ scheme, RTN weights), prefill only:
     search (deterministic; ties -> the earlier candidate in the fixed enumeration order):
       A. shapes x starts: 1-3 stages at layers from a grid, keeps from a geometric decay
          k_j = k_1 r^j with k_1 the largest that meets the budget, every stage scored by one
-         single-signal start vector of STARTS (attention, magnitude, diversity only)
+         single-signal start vector of STARTS (attention, magnitude, diversity only) or by
+         max-min selection
       B. weights, from each start's best shape: coordinate descent over the stages, each stage
          trying the weight grid W_GRID with the others fixed, until a sweep changes nothing
          (<= 3 sweeps)
@@ -85,12 +87,24 @@ W_GRID: tuple[tuple[float, float, float, float], ...] = (
     (0.0, 0.0, 0.5, 1.0),
     (0.0, 0.0, 1.0, 0.0),
 )
+# A stage whose weight vector is all zero selects by greedy max-min diversity instead of a score
+# (`select: maxmin`, Deployed.maxmin_score): DivPrune's set selection on the deployed model's own
+# codes. It is tried wherever a weight vector is (last, so ties keep the scorers); it belongs to
+# the diversity signal (ablations without diversity drop it).
+MAXMIN: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+W_GRID = W_GRID + (MAXMIN,)
 # phase A's single-signal scorers, in order: attention-only first (ties keep it, as before)
 STARTS: tuple[tuple[float, float, float, float], ...] = (
     (0.0, 1.0, 0.0, 0.0),
     (1.0, 0.0, 0.0, 0.0),
     (0.0, 0.0, 0.0, 1.0),
+    MAXMIN,
 )
+
+
+def select_of(w) -> str:
+    """The recipe's `select` for a candidate stage's weight vector."""
+    return "maxmin" if tuple(w) == MAXMIN else "topk"
 R_SHAPES = (0.6, 0.35)  # decay ratios of the shape search (stages >= 2)
 R_FINE = (0.8, 0.7, 0.6, 0.5, 0.35, 0.25)  # decay ratios tried in phase C
 MAX_STAGES = 3
@@ -106,8 +120,9 @@ def start_vectors(signals=SIGNALS) -> tuple[tuple[float, float, float, float], .
     """STARTS whose one non-zero weight is on a signal of `signals` (order kept); if none is, the
     first vector of `weight_grid(signals)`."""
     on = [name in tuple(signals) for name in SIGNALS]
-    out = tuple(w for w in STARTS if all(on[i] or w[i] == 0 for i in range(len(SIGNALS))))
-    return out or weight_grid(signals)[:1]
+    grid = weight_grid(signals)
+    out = tuple(w for w in STARTS if all(on[i] or w[i] == 0 for i in range(len(SIGNALS))) and w in grid)
+    return out or grid[:1]
 
 
 def weight_grid(signals=SIGNALS) -> tuple[tuple[float, float, float, float], ...]:
@@ -120,6 +135,10 @@ def weight_grid(signals=SIGNALS) -> tuple[tuple[float, float, float, float], ...
     on = [name in sig for name in SIGNALS]
     out: list[tuple[float, float, float, float]] = []
     for w in W_GRID:
+        if w == MAXMIN:  # max-min selection: the diversity signal's set form
+            if "diversity" in sig:
+                out.append(w)
+            continue
         r = tuple(float(x) if on[i] else 0.0 for i, x in enumerate(w))
         if sum(r) > 0 and r not in out:
             out.append(r)
@@ -236,7 +255,7 @@ def _stats(signals: list[tuple]):
 class Evaluator:
     """Caches the unpruned quantized stream of the calibration samples; measures candidates.
 
-    A candidate is a tuple of stages (layer, keep, (w_m, w_a, w_r)). Stage j's sigma is the std
+    A candidate is a tuple of stages (layer, keep, (w_m, w_a, w_r, w_d)) (MAXMIN: max-min selection). Stage j's sigma is the std
     of each signal over the calibration tokens present at its layer in the stream it really
     sees (stages before it applied), so it depends on the candidate's prefix: `stage_sigmas`.
     """
@@ -297,7 +316,10 @@ class Evaluator:
         h, pos, n, cnt = state
         layer, keep, w = stage
         start = smp.start
-        idx = stable_topk(combine(StageCfg(layer, keep, w, sigma), *signals), keep)
+        if w == MAXMIN:
+            idx = stable_topk(self.dep.maxmin_score(layer, h, pos, start, n, keep), keep)
+        else:
+            idx = stable_topk(combine(StageCfg(layer, keep, w, sigma), *signals), keep)
         if self.dep.cfg.merge:
             cnt = self.dep.merge_counts(layer, h, pos, idx, start, n, torch.ones(n, dtype=torch.float64) if cnt is None else cnt)
         bias = self.dep.key_bias(cnt, start)
@@ -388,6 +410,9 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
         const = ev.constant(cand[:j], cand[j][0])
         seen, out = set(), []
         for w in grid:
+            if w == MAXMIN:
+                out.append(w)
+                continue
             eff = tuple(0.0 if const[i] else w[i] for i in range(len(SIGNALS)))
             top = max(eff)
             if top == 0:
@@ -539,7 +564,7 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
     ev = Evaluator(dep, prompts, progress)
     res = search(ev, float(budget), progress, signals)
     stages = [
-        Stage(layer=l, keep=k, fraction=_sig(k / N),
+        Stage(layer=l, keep=k, fraction=_sig(k / N), select=select_of(w),
               weights=ScoreWeights(**dict(zip(SIGNALS, w))), sigma=ScoreSigma(**dict(zip(SIGNALS, s))))
         for (l, k, w), s in zip(res.stages, res.sigmas)
     ]

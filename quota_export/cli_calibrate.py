@@ -48,7 +48,7 @@ def cmd_calibrate(a) -> int:
     else:
         save_recipe(recipe, a.out)
     L = res.num_layers
-    sched = ", ".join(f"L{s.layer}:{s.keep}" for s in recipe.pruning.stages) or "none"
+    sched = ", ".join(f"L{s.layer}:{s.keep}{' max-min' if s.select == 'maxmin' else ''}" for s in recipe.pruning.stages) or "none"
     print(f"wrote {a.out} ({recipe.name})")
     print(f"schedule {sched}; mean kept {recipe.mean_keep_fraction(L):.4f} (budget {a.budget}); "
           f"divergence {res.divergence:.5g} (naive {res.naive_divergence:.5g}); "

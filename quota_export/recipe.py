@@ -270,6 +270,16 @@ class Stage(BaseModel):
     fraction: float | None = Field(None, gt=0, le=1)
     weights: ScoreWeights = ScoreWeights()
     sigma: ScoreSigma = ScoreSigma()
+    # "topk": keep the `keep` highest scores; "maxmin": greedy max-min diversity selection on the
+    # cosine similarity of the attention input's integer codes (DivPrune's rule; no score, so the
+    # weights must all be 0)
+    select: Literal["topk", "maxmin"] = "topk"
+
+    @model_validator(mode="after")
+    def _select(self) -> Stage:
+        if self.select == "maxmin" and any(getattr(self.weights, x) for x in SIGNALS):
+            raise _fail("select maxmin uses no score: its weights must all be 0", "weights")
+        return self
 
 
 class Pruning(BaseModel):

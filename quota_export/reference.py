@@ -49,6 +49,7 @@ class StageCfg:
     keep: int
     w: tuple[float, float, float, float]  # magnitude, attention, risk, diversity
     sigma: tuple[float, float, float, float]
+    select: str = "topk"  # "topk": top-k of the score; "maxmin": greedy max-min diversity (Deployed.maxmin_score)
 
 
 @dataclass
@@ -103,6 +104,7 @@ class DeployConfig:
                     k,
                     tuple(getattr(s.weights, x) for x in SIGNALS),
                     tuple(getattr(s.sigma, x) for x in SIGNALS),
+                    s.select,
                 )
                 for s, k in zip(recipe.pruning.stages, keeps)
             ],
@@ -361,9 +363,7 @@ class Deployed:
         vis = slice(start, start + n)
         hv = h[:, vis].to(self.hp)
         mag = (hv * hv).sum(-1).sqrt()  # [1, n]
-        f = xq[:, vis].to(self.hp)  # integer codes (quantized activations) or the normed input
-        nf = (f * f).sum(-1).sqrt().clamp_min(1e-12)  # [1, n]
-        cs = (f @ f.transpose(-1, -2)) / nf[..., :, None] / nf[..., None, :]
+        cs = self._cosine(xq, start, n)
         later = torch.ones(n, n, dtype=torch.bool).triu()  # j >= i: not compared
         div = 1.0 - cs.masked_fill(later, -1.0).amax(dim=-1)
         T = h.shape[1]
@@ -383,7 +383,31 @@ class Deployed:
         return mag, att, risk, div
 
     def score(self, stage, layer, h, pos, start, n, bias=None):
+        if stage.select == "maxmin":
+            return self.maxmin_score(layer, h, pos, start, n, stage.keep)
         return stage_score(stage, *self.signals(layer, h, pos, start, n, bias))
+
+    def _cosine(self, xq, start: int, n: int):
+        """[1, n, n] (hp) cosine similarity of the visual tokens' attention-input codes:
+        cs[i, j] = (f_i . f_j) / |f_i| / |f_j| in that order (exact dot products on integer codes;
+        the graphs compute the same expression, so the matrix is the same bits there)."""
+        f = xq[:, start : start + n].to(self.hp)
+        nf = (f * f).sum(-1).sqrt().clamp_min(1e-12)  # [1, n]
+        return (f @ f.transpose(-1, -2)) / nf[..., :, None] / nf[..., None, :]
+
+    def maxmin_score(self, layer: int, h, pos, start: int, n: int, k: int):
+        """`select: maxmin`: greedy max-min diversity selection (DivPrune's rule, `maxmin_order`)
+        of k of the n visual tokens on the cosine similarity of the attention input's integer
+        codes at this layer (the deployed quantizer's view, as the diversity signal and merging
+        use), as a score [1, n] fp32: the i-th token picked gets k - i, the others 0, so the
+        stage's top-k keeps exactly the picked set (the graphs feed it to the same gather)."""
+        from quota_export.prune.selectors import maxmin_order
+
+        _, (xq, _), *_ = self.qkv(layer, h, pos)
+        order = maxmin_order(self._cosine(xq, start, n), k)
+        s = torch.zeros(1, n)
+        s[0, order[0]] = torch.arange(k, 0, -1, dtype=torch.float32)
+        return s
 
     # ------------------------------------------------------------ merging (pruning.merge: proportional)
     def merge_counts(self, layer: int, h, pos, idx, start: int, n: int, cnt):
@@ -395,9 +419,7 @@ class Deployed:
         one (e.g. background patches), the softmax sees nearly the mass it saw before pruning,
         the proportional attention of token merging. -> [k] float64."""
         _, (xq, _), *_ = self.qkv(layer, h, pos)
-        f = xq[0, start : start + n].to(self.hp)
-        nf = (f * f).sum(-1).sqrt().clamp_min(1e-12)
-        cs = (f @ f.T) / nf[:, None] / nf[None, :]  # as `signals` computes it (exact on codes)
+        cs = self._cosine(xq, start, n)[0]  # as `signals` computes it (exact on codes)
         keep = idx[0]
         dropped = torch.ones(n, dtype=torch.bool)
         dropped[keep] = False

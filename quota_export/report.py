@@ -289,7 +289,8 @@ def write_report(artifacts: str | Path, image: str | Path | None = None, out: st
         "",
         "![schedule](schedule.png)",
         "",
-        "Stages: " + (", ".join(f"layer {s['layer']} keeps {s['keep']}" for s in stages) or "none (no pruning)")
+        "Stages: " + (", ".join(f"layer {s['layer']} keeps {s['keep']}" + (" (max-min selection)" if s.get("select") == "maxmin" else "")
+                     for s in stages) or "none (no pruning)")
         + f". Mean kept {mean:.1f} = {mean / n_visual:.3f} of {n_visual} (budget {budget:g})."
         + (" Dropped tokens are merged into their most similar kept token (`pruning.merge: proportional`)."
            if recipe.pruning.merge == "proportional" and stages else ""),

@@ -126,7 +126,7 @@ def test_manifest_documented_keys(built):
               "graphs", "versions", "parity"):
         assert k in m, k
     assert m["recipe_hash"] == load_recipe(res.out / "recipe.yaml").content_hash()
-    assert m["schedule"] == [{"layer": 1, "keep": 72}, {"layer": 2, "keep": 30}]
+    assert m["schedule"] == [{"layer": 1, "keep": 72, "select": "topk"}, {"layer": 2, "keep": 30, "select": "topk"}]
     assert m["kept_per_layer"] == [144, 72, 30, 30]
     assert set(m["graphs"]) == {"vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx"}
     for g, info in m["graphs"].items():

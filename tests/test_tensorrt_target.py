@@ -28,10 +28,12 @@ def tiny128(tmp_path_factory):
     return models.load(make_tiny_llava(tmp_path_factory.mktemp("t128") / "m", hidden=128, seed=3))
 
 
-def deployed(adapter, kv_bits=4, merge=False):
+def deployed(adapter, kv_bits=4, merge=False, first="topk"):
+    """`first`: the first stage's selection (topk: attention score; maxmin: max-min selection)."""
+    w0 = (0.0, 1.0, 0.0, 0.0) if first == "topk" else (0.0, 0.0, 0.0, 0.0)
     cfg = DeployConfig(
         w_bits=4, w_group=64, targets=TARGETS, ignore=["lm_head"], a_bits=4, kv_bits=kv_bits, merge=merge,
-        stages=[StageCfg(1, 72, (0.0, 1.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0)),
+        stages=[StageCfg(1, 72, w0, (1.0, 1.0, 1.0, 1.0), first),
                 StageCfg(3, 20, (1.0, 1.0, 1.0, 1.0), (10.0, 0.01, 1.0, 0.5))],
     )  # fmt: skip
     return Deployed(adapter, cfg)
@@ -60,9 +62,10 @@ def test_tensorrt_target_lowers_fp32_reductions(tiny128):
         assert [v for v in check_model(m) if v.rule == "fp64"] == [], name
 
 
-@pytest.mark.parametrize("kv_bits, merge", [(4, False), (8, False), (4, True)])
-def test_tensorrt_graphs_pass_checker_and_match_reference(tiny128, kv_bits, merge):
-    dep = deployed(tiny128, kv_bits, merge)
+@pytest.mark.parametrize("kv_bits, merge, first", [(4, False, "topk"), (8, False, "topk"), (4, True, "topk"),
+                                                    (4, True, "maxmin")])
+def test_tensorrt_graphs_pass_checker_and_match_reference(tiny128, kv_bits, merge, first):
+    dep = deployed(tiny128, kv_bits, merge, first)
     graphs = tensorrt_target.lower(dep, 3, 21)
     assert tensorrt_target.violations(graphs) == []
     prefill = graphs["prefill.onnx"]
@@ -71,6 +74,7 @@ def test_tensorrt_graphs_pass_checker_and_match_reference(tiny128, kv_bits, merg
     # merging: its ops (ScatterElements, the first-maximum ReduceMin ...) are in the graphs checked above
     assert ("ScatterElements" in ops) == merge
     assert any(i.name == "merge.1" for i in graphs["decode.onnx"].graph.input) == merge
+    assert ("Or" in ops) == (first == "maxmin")  # the unrolled max-min steps, checked above too
     sess = session(tensorrt_target.inline_token_gathers(prefill))
     names = [o.name for o in sess.get_outputs()]
     for seed in range(4):

@@ -346,6 +346,81 @@ class DecoderLowering:
             return g.op("Add", [g.op("Gather", [cnt, kept], axis=1), g.op("Squeeze", [moved, self.ax(g, [1])])],
                         name="counts")
 
+    def score(self, g: Graph, st, h, xn, xq, q, k, v, kd, vd, cosine, n: int, bias=None):
+        """`select: topk`: the stage score [1,n] fp32 (`reference.stage_score` of `Deployed.signals`)."""
+        s0 = self.visual_start
+        sl = lambda t, a, b, axis: g.op("Slice", [t, self.ax(g, [a]), self.ax(g, [b]), self.ax(g, [axis])])  # noqa: E731
+        hv = self.to_hp(g, sl(h, s0, s0 + n, 1))
+        mag = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [hv, hv]), self.ax(g, [-1])], keepdims=0)], name="magnitude")
+        # diversity: 1 - max_{j<i} cos(f_i, f_j); Where masks j >= i with -1 (the first token gets 2)
+        later = g.const(np.triu(np.ones((n, n), bool)), np.bool_)
+        cs = g.op("Where", [later, self.hc(g, -1.0), cosine], name="cosine_earlier")
+        div = g.op("Sub", [self.hc(g, 1.0), g.op("ReduceMax", [cs, self.ax(g, [-1])], keepdims=0)], name="diversity")
+        qt = sl(q, s0 + n, 1 << 30, 2)
+        p, _ = self.attend(g, qt, kd, vd, s0 + n, "score_attn", bias)
+        pv = sl(p, s0, s0 + n, 3)
+        att = g.op("ReduceMean", [pv, self.ax(g, [1, 2])], keepdims=0, name="attention")
+        (wm, wa, wr, wd), (sm, sa, sr, sd) = st.w, st.sigma
+        # risk is computed even at weight 0, as the reference does
+        xv = sl(xn, s0, s0 + n, 1)
+        xdq = xn if xq is None else g.op("Mul", [xq[0], xq[1]], name="dequant_input")
+        xqv = sl(xdq, s0, s0 + n, 1)
+        dif = self.to_hp(g, g.op("Sub", [xqv, xv]))
+        xvh = self.to_hp(g, xv)
+        num = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [dif, dif]), self.ax(g, [-1])], keepdims=0)])
+        den = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [xvh, xvh]), self.ax(g, [-1])], keepdims=0)])
+        risk = g.op("Div", [num, g.op("Max", [den, self.hc(g, 1e-12)])], name="risk_act")
+        if self.cfg.kv_bits < 16:
+            for nm, fq, fp in (("k", kd, k), ("v", vd, v)):
+                a = sl(fq, s0, s0 + n, 2)
+                b = self.to_hp(g, sl(fp, s0, s0 + n, 2))
+                dd = self.to_hp(g, g.op("Sub", [a, sl(fp, s0, s0 + n, 2)]))
+                nn = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [dd, dd]), self.ax(g, [1, 3])], keepdims=0)])
+                dn = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [b, b]), self.ax(g, [1, 3])], keepdims=0)])
+                risk = g.op("Add", [risk, g.op("Div", [nn, g.op("Max", [dn, self.hc(g, 1e-12)])])], name=f"risk_{nm}")
+        score = g.op("Add", [g.op("Mul", [self.hc(g, wm / sm), mag]), g.op("Mul", [self.hc(g, wa / sa), att])])
+        score = g.op("Sub", [score, g.op("Mul", [self.hc(g, wr / sr), risk])])
+        score = g.op("Add", [score, g.op("Mul", [self.hc(g, wd / sd), div])], name="score_raw")
+        score = g.op("Round", [g.op("Mul", [score, self.hc(g, float(2**SCORE_GRID_BITS))])])
+        score = g.op("Cast", [score], to=FLOAT, name="score")
+        return score
+
+    def maxmin_score(self, g: Graph, cosine, n: int, k: int):
+        """`select: maxmin` (`Deployed.maxmin_score`): greedy max-min selection of k of the n
+        tokens on the cosine matrix hp [1,n,n], unrolled (k is static), as a score [1,n] fp32 that
+        gives the i-th pick k - i and the rest 0. Every argmin is the first minimum spelled out
+        (ReduceMin, Equal, ReduceMin of the index), as in `merge_counts`."""
+        with g.scope("maxmin"):
+            idx = self.hc(g, np.arange(n)[None])  # [1,n]
+            big = self.hc(g, float(n))
+
+            def first_min(x, nm):  # [1,n] -> index [1,1] (hp), the lowest index among the minima
+                m = g.op("ReduceMin", [x, self.ax(g, [-1])], keepdims=1)
+                return g.op("ReduceMin", [g.op("Where", [g.op("Equal", [x, m]), idx, big]), self.ax(g, [-1])],
+                            keepdims=1, name=nm)
+
+            def column(i, nm):  # cosine[:, :, i] -> [1,n]
+                j = g.op("Cast", [g.op("Reshape", [i, self.ax(g, [-1])])], to=INT64)
+                return g.op("Reshape", [g.op("Gather", [cosine, j], axis=2), self.ax(g, [1, n])], name=nm)
+
+            eye = g.const(np.eye(n, dtype=bool)[None], np.bool_)
+            near = g.op("ReduceMax", [g.op("Where", [eye, self.hc(g, -np.inf), cosine]), self.ax(g, [-1])],
+                        keepdims=0, name="nearest")  # [1,n]
+            pick = first_min(near, "pick_0")
+            hit = g.op("Equal", [idx, pick])
+            picked = hit
+            score = g.op("Where", [hit, g.const(float(k)), g.const(np.zeros((1, n), np.float32))])
+            to_sel = column(pick, "to_picked_0")
+            for t in range(1, k):
+                cand = g.op("Where", [picked, self.hc(g, np.inf), to_sel])
+                pick = first_min(cand, f"pick_{t}")
+                hit = g.op("Equal", [idx, pick])
+                picked = g.op("Or", [picked, hit])
+                score = g.op("Where", [hit, g.const(float(k - t)), score])
+                if t < k - 1:
+                    to_sel = g.op("Max", [to_sel, column(pick, f"column_{t}")], name=f"to_picked_{t}")
+            return g.op("Identity", [score], name="score")
+
     # ------------------------------------------------------------------ blocks
     def qkv(self, g: Graph, l: int, h, cos, sin):
         sp = self.spec
@@ -389,6 +464,7 @@ class DecoderLowering:
         """Score the n visual tokens at [start, start+n), keep the top st.keep (ascending).
 
             h ─┬─ signals(magnitude, attention, risk, diversity) ─ weighted sum = scores [1,n]
+               │   (select: maxmin: the unrolled greedy max-min picks as scores, `maxmin_score`)
                │   TopK(k, largest, sorted: lower index wins ties) -> idx -> TopK(idx, smallest) = ascending
                └─ Concat(h[:, :s], Gather(h[:, s:s+n], idx), h[:, s+n:])   (same for position ids)
 
@@ -396,54 +472,23 @@ class DecoderLowering:
         of the previous stage (the scoring attention sees it); returns the new counts [1,k] too.
         """
         s0 = self.visual_start
-        sp = self.spec
         with g.scope(f"model/layers.{l}/prune"):
             cos, sin = self.rope_tables(g, pos, "rope")
         xn, xq, q, k, v = self.qkv(g, l, h, cos, sin)
         with g.scope(f"model/layers.{l}/prune"):
             kd, vd, kn, vn = self.kv_store(g, l, k, v)
             sl = lambda t, a, b, axis: g.op("Slice", [t, self.ax(g, [a]), self.ax(g, [b]), self.ax(g, [axis])])
-            hv = self.to_hp(g, sl(h, s0, s0 + n, 1))
-            mag = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [hv, hv]), self.ax(g, [-1])], keepdims=0)], name="magnitude")
-            # diversity: 1 - max_{j<i} cos(f_i, f_j), f = the attention input's integer codes (else the
-            # normed input): f f^T is exact on integers; Where masks j >= i with -1 (the first token gets 2)
+            # cosine of the attention input's integer codes (else the normed input): f f^T is exact
+            # on integers; the diversity signal, max-min selection and merging read it
             f = self.to_hp(g, sl(xn if xq is None else xq[0], s0, s0 + n, 1))
             nf = g.op("Max", [g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [f, f]), self.ax(g, [-1])], keepdims=1)]),
                               self.hc(g, 1e-12)], name="code_norm")  # [1, n, 1]
             dot = g.op("MatMul", [f, g.op("Transpose", [f], perm=[0, 2, 1])], name="code_dot")
-            cs = cosine = g.op("Div", [g.op("Div", [dot, nf]), g.op("Transpose", [nf], perm=[0, 2, 1])], name="cosine")
-            later = g.const(np.triu(np.ones((n, n), bool)), np.bool_)
-            cs = g.op("Where", [later, self.hc(g, -1.0), cs], name="cosine_earlier")
-            div = g.op("Sub", [self.hc(g, 1.0), g.op("ReduceMax", [cs, self.ax(g, [-1])], keepdims=0)], name="diversity")
-            qt = sl(q, s0 + n, 1 << 30, 2)
-            p, _ = self.attend(g, qt, kd, vd, s0 + n, "score_attn", bias)
-            pv = sl(p, s0, s0 + n, 3)
-            att = g.op("ReduceMean", [pv, self.ax(g, [1, 2])], keepdims=0, name="attention")
-            score = None
-            (wm, wa, wr, wd), (sm, sa, sr, sd) = st.w, st.sigma
-            terms = []
-            if True:  # risk is computed even at weight 0, as the reference does
-                xv = sl(xn, s0, s0 + n, 1)
-                xdq = xn if xq is None else g.op("Mul", [xq[0], xq[1]], name="dequant_input")
-                xqv = sl(xdq, s0, s0 + n, 1)
-                dif = self.to_hp(g, g.op("Sub", [xqv, xv]))
-                xvh = self.to_hp(g, xv)
-                num = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [dif, dif]), self.ax(g, [-1])], keepdims=0)])
-                den = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [xvh, xvh]), self.ax(g, [-1])], keepdims=0)])
-                risk = g.op("Div", [num, g.op("Max", [den, self.hc(g, 1e-12)])], name="risk_act")
-                if self.cfg.kv_bits < 16:
-                    for nm, fq, fp in (("k", kd, k), ("v", vd, v)):
-                        a = sl(fq, s0, s0 + n, 2)
-                        b = self.to_hp(g, sl(fp, s0, s0 + n, 2))
-                        dd = self.to_hp(g, g.op("Sub", [a, sl(fp, s0, s0 + n, 2)]))
-                        nn = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [dd, dd]), self.ax(g, [1, 3])], keepdims=0)])
-                        dn = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [b, b]), self.ax(g, [1, 3])], keepdims=0)])
-                        risk = g.op("Add", [risk, g.op("Div", [nn, g.op("Max", [dn, self.hc(g, 1e-12)])])], name=f"risk_{nm}")
-            score = g.op("Add", [g.op("Mul", [self.hc(g, wm / sm), mag]), g.op("Mul", [self.hc(g, wa / sa), att])])
-            score = g.op("Sub", [score, g.op("Mul", [self.hc(g, wr / sr), risk])])
-            score = g.op("Add", [score, g.op("Mul", [self.hc(g, wd / sd), div])], name="score_raw")
-            score = g.op("Round", [g.op("Mul", [score, self.hc(g, float(2**SCORE_GRID_BITS))])])
-            score = g.op("Cast", [score], to=FLOAT, name="score")
+            cosine = g.op("Div", [g.op("Div", [dot, nf]), g.op("Transpose", [nf], perm=[0, 2, 1])], name="cosine")
+            if st.select == "maxmin":
+                score = self.maxmin_score(g, cosine, n, st.keep)
+            else:
+                score = self.score(g, st, h, xn, xq, q, k, v, kd, vd, cosine, n, bias)
             prefix = f"/model/layers.{l}/prune/gather"
             build = build_plugin_node if self.target == "tensorrt" else build_gather_subgraph
             kw = {"position_ids_rank": 3} if self.dep.rope_planes is not None else {}
