@@ -26,8 +26,12 @@ Every row: mean kept fraction, accuracy per task, overall, retention (mean over 
 The report is rewritten after each budget (a partial run leaves a valid partial table) and ends
 with a summary: QUOTA vs the best stage-wise combination per budget. Calibrated recipes (and
 GPTQ weight files) go beside it in <out stem>_recipes/ (git-ignored: the weight files are MBs);
-`--reuse` takes the recipes already there (checked: same model, calibration data, samples, seed)
-instead of calibrating again, e.g. to add rows to a report without repeating hours of search.
+`--reuse` takes the recipes already there (checked: same model path and weights, calibration data,
+samples, seed) instead of calibrating again, and the rows already measured (`rows.json` there, keyed
+by the sha256 of the model's weights, the bench slice, the calibration split, the row's method,
+quantization, budget and merging, and the package version), e.g. to add rows to a report or to
+evaluate a new recipe without repeating hours of search and evaluation; a reused row keeps the
+seconds it took when it was measured.
 `--recipe R` evaluates a QUOTA recipe calibrated elsewhere (e.g. `recipes/default.yaml`) in place
 of this script's own search: its budget and scheme become the only ones run, the QUOTA row is
 that recipe as written (a `+ GPTQ` row only if its weights are GPTQ-calibrated), and of the
@@ -83,8 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--note", action="append", default=[], help="a line for the top of the report (repeatable)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reuse", action="store_true",
-                    help="reuse the calibrated recipes already in <out stem>_recipes/ (same model, calibration "
-                         "data, samples and seed) instead of calibrating again; the report says so")
+                    help="reuse the calibrated recipes and measured rows already in <out stem>_recipes/ (same model "
+                         "weights, calibration data, samples and seed) instead of calibrating and evaluating "
+                         "again; the report says so")
     ap.add_argument("--recipe", type=Path, default=None,
                     help="evaluate this QUOTA recipe instead of calibrating one (its budget and scheme only; "
                          "of the ablations only `schedule`)")
@@ -172,9 +177,43 @@ def _run(a, model_arg, progress, t_start) -> int:
                                    calib_samples=a.calib_samples, calib_seed=a.seed)
         return harnesses[n]
 
+    import hashlib
+    import json
+
+    from quota_export import __version__
+
+    weights_sha = hashlib.sha256()
+    for f in sorted(Path(a.model).glob("*.safetensors")):
+        weights_sha.update(f.read_bytes())
+    weights_sha = weights_sha.hexdigest()
+    rows_path = rec_dir / "rows.json"
+    try:
+        cache = json.loads(rows_path.read_text()) if a.reuse and rows_path.exists() else {}
+    except ValueError:
+        sys.exit(f"error: --reuse: {rows_path} is not valid JSON; remove it or drop --reuse")
+    n_reused = [0]
+
+    def stamp(path: Path):
+        """Record which model weights the recipe at `path` was calibrated on (checked by --reuse)."""
+        path.with_suffix(".sha256").write_text(weights_sha + "\n")
+
+    def measured(n, key, fn):
+        """(metrics, seconds) of a row: from rows.json with --reuse when this exact row was measured
+        there, else evaluated now (and recorded for later runs)."""
+        k = json.dumps([weights_sha, a.bench, n, a.calib, a.calib_samples, a.seed, __version__, key])
+        if k in cache:
+            n_reused[0] += 1
+            return cache[k]["metrics"], cache[k]["seconds"]
+        m, secs = _timed(fn)
+        cache[k] = {"metrics": m, "seconds": secs}
+        tmp = rows_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        tmp.replace(rows_path)
+        return m, secs
+
     def once(n, key, fn):
         if (n, key) not in shared:
-            shared[(n, key)] = _timed(fn)
+            shared[(n, key)] = measured(n, key, fn)
         return shared[(n, key)]
 
     h0 = harness(a.samples[0])
@@ -217,7 +256,9 @@ def _run(a, model_arg, progress, t_start) -> int:
             "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|")
 
     def write(final=False):
-        tail = [f"Total {time.perf_counter() - t_start:.0f} s."] if final else [
+        reuse_note = (f" {n_reused[0]} row(s) taken from an earlier run's measurements (`--reuse`, same model "
+                      f"weights and settings; their s is the time they took then).") if n_reused[0] else ""
+        tail = [f"Total {time.perf_counter() - t_start:.0f} s.{reuse_note}"] if final else [
             f"**Partial report** (run in progress or stopped; {time.perf_counter() - t_start:.0f} s so far)."]
         body = head_lines + sections
         if summary:
@@ -241,10 +282,11 @@ def _run(a, model_arg, progress, t_start) -> int:
             return None
         r = load_recipe(path)
         c = r.calibration
-        got = (r.model, c.data, c.samples, c.seed) if c is not None else None
-        want = (model_arg, a.calib, a.calib_samples, a.seed)
+        sha = path.with_suffix(".sha256")
+        got = (r.model, c.data, c.samples, c.seed, sha.read_text().strip() if sha.exists() else None) if c else None
+        want = (model_arg, a.calib, a.calib_samples, a.seed, weights_sha)
         if got != want:
-            sys.exit(f"error: --reuse: {path} was calibrated with (model, data, samples, seed) = {got}, "
+            sys.exit(f"error: --reuse: {path} was calibrated with (model, data, samples, seed, weights sha256) = {got}, "
                      f"this run uses {want}; remove the file or drop --reuse")
         say(f"reusing {path}")
         return r
@@ -277,6 +319,7 @@ def _run(a, model_arg, progress, t_start) -> int:
                     g, meta = res.weights
                     rg = rg.model_copy(update={"model": model_arg})
                     save_with_recipe(rg, g.qweights, meta, rpath)
+                    stamp(rpath)
                     cal_line = (f"calibration divergence {res.divergence:.4g} (naive single stage at layer 0: "
                                 f"{res.naive_divergence:.4g}); {res.evals} candidates; GPTQ on the pruned streams: "
                                 f"layer output error {g.error_ratio():.4f} of RTN's; search + GPTQ {cal_s:.0f} s.")
@@ -302,13 +345,13 @@ def _run(a, model_arg, progress, t_start) -> int:
             for q in (scheme, gscheme):
                 for b in BASELINES:
                     say(f"[{tag}] {b} {q} ...")
-                    m, s = _timed(lambda: h.evaluate(b, q, budget))
+                    m, s = measured(n, [b, q, budget, False], lambda: h.evaluate(b, q, budget))
                     base_ms.append((f"{q} + {b}", m))
                     rows.append(row(f"{q} + {b} (stage-wise)", m, s))
             for q in (scheme, gscheme):
                 for b in BASELINES:
                     say(f"[{tag}] {b} + merge {q} ...")
-                    m, s = _timed(lambda: h.evaluate(b, q, budget, merge=True))
+                    m, s = measured(n, [b, q, budget, True], lambda: h.evaluate(b, q, budget, merge=True))
                     base_ms.append((f"{q} + {b} + merge", m))
                     rows.append(row(f"{q} + {b} + merge (stage-wise)", m, s))
             say(f"[{tag}] QUOTA ...")
@@ -334,6 +377,7 @@ def _run(a, model_arg, progress, t_start) -> int:
                         how = f"{time.perf_counter() - t:.0f} s"
                         ra = ra.model_copy(update={"model": model_arg})
                         save_recipe(ra, apath)
+                        stamp(apath)
                     else:
                         how = "reused (`--reuse`)"
                     m, s = _timed(lambda: h.evaluate("quota", recipe=ra))
