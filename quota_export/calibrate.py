@@ -89,8 +89,10 @@ W_GRID: tuple[tuple[float, float, float, float], ...] = (
 )
 # A stage whose weight vector is all zero selects by greedy max-min diversity instead of a score
 # (`select: maxmin`, Deployed.maxmin_score): DivPrune's set selection on the deployed model's own
-# codes. It is tried wherever a weight vector is (last, so ties keep the scorers); it belongs to
-# the diversity signal (ablations without diversity drop it).
+# codes. It is tried wherever a weight vector is at a stage on layer 0 (last, so ties keep the
+# scorers); deeper stages cannot take it (recipe.Stage: float noise in the graphs' hidden states
+# can flip an activation code there, and a greedy set selection has no score grid to absorb it).
+# It belongs to the diversity signal (ablations without diversity drop it).
 MAXMIN: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 W_GRID = W_GRID + (MAXMIN,)
 # phase A's single-signal scorers, in order: attention-only first (ties keep it, as before)
@@ -411,7 +413,8 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
         seen, out = set(), []
         for w in grid:
             if w == MAXMIN:
-                out.append(w)
+                if cand[j][0] == 0:
+                    out.append(w)
                 continue
             eff = tuple(0.0 if const[i] else w[i] for i in range(len(SIGNALS)))
             top = max(eff)
@@ -431,7 +434,9 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
     bar = tqdm(desc="calibrate: search", disable=not progress, unit="cand", total=len(shapes) * len(starts) + 1)
     ev.divergence([naive], bar)
     # A. shapes x single-signal starts (start-major)
-    cands = [build(ls, ks, [w] * len(ls)) for w in starts for ls, _, ks in shapes]
+    # (the max-min start scores stages after layer 0 with the grid's first vector)
+    cands = [build(ls, ks, [grid[0] if w == MAXMIN and l > 0 else w for l in ls]) for w in starts
+             for ls, _, ks in shapes]
     divs = ev.divergence(cands, bar)
 
     def refine(best, best_d):

@@ -272,11 +272,16 @@ class Stage(BaseModel):
     sigma: ScoreSigma = ScoreSigma()
     # "topk": keep the `keep` highest scores; "maxmin": greedy max-min diversity selection on the
     # cosine similarity of the attention input's integer codes (DivPrune's rule; no score, so the
-    # weights must all be 0)
+    # weights must all be 0). maxmin only at layer 0: there the graphs see the decoder input bit for
+    # bit as the reference does; deeper, float noise in the hidden states can flip an activation
+    # code, and the greedy set (which has no score grid to absorb it) with it.
     select: Literal["topk", "maxmin"] = "topk"
 
     @model_validator(mode="after")
     def _select(self) -> Stage:
+        if self.select == "maxmin" and self.layer != 0:
+            raise _fail(f"select maxmin is only supported at layer 0 (the decoder input), not layer {self.layer}",
+                        "select")
         if self.select == "maxmin" and any(getattr(self.weights, x) for x in SIGNALS):
             raise _fail("select maxmin uses no score: its weights must all be 0", "weights")
         return self
