@@ -12,6 +12,9 @@ Then the checks the benchmark issue asks of the testbed: FP >= 90% overall and >
 random 30% <= 85% of FP; blank images near chance on every task type; W4A4 and 70%
 pruning change answers measurably (agreement with FP < 1).
 The markdown goes to --out (and the table, unchanged, into the model card by hand).
+Measured rows are kept in <out stem>_rows.json (git-ignored); `--reuse` takes the rows that do not
+depend on the recipe from there when the model's weights (sha256) and settings match, e.g. to
+redo the table for a new recipe in minutes.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", default="recipes/default.yaml")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "accuracy.md")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take the recipe-independent rows from <out stem>_rows.json when measured on the same "
+                         "model weights and slice")
     a = ap.parse_args(argv)
 
     import torch
@@ -59,9 +65,15 @@ def main(argv=None) -> int:
         ("W4A4KV4 (RTN, per-token activations), all tokens", dict(method="none", quant="w4a4kv4")),
         (f"`{Path(a.recipe).name}` ({recipe.name})", dict(method="quota", recipe=recipe)),
     ]
+    from rowcache import RowCache
+
+    rc = RowCache(a.out.with_name(a.out.stem + "_rows.json"), a.model, a.reuse)
     res = {}
     for name, kw in rows:
-        res[name] = h.evaluate(**kw)
+        if "recipe" in kw:
+            res[name] = h.evaluate(**kw)
+        else:
+            res[name] = rc.measure([a.bench, a.samples, sorted(kw.items())], lambda: h.evaluate(**kw))[0]
         m = res[name]
         print(f"{name}: overall {m['overall']:.3f} retention {m['retention']:.3f} agreement {m['agreement']:.3f}", flush=True)
     fp, blank, rnd = (res[rows[i][0]] for i in range(3))
@@ -71,9 +83,11 @@ def main(argv=None) -> int:
         "# The shipped model's accuracy: does the testbed tell methods apart?",
         "",
         f"Command: `python benchmarks/accuracy.py --model {a.model} --bench {a.bench}"
-        + (f" --samples {a.samples}" if a.samples else "") + f" --recipe {a.recipe}`. "
+        + (f" --samples {a.samples}" if a.samples else "") + f" --recipe {a.recipe}"
+        + (" --threads " + str(a.threads) if a.threads != 1 else "") + "`. "
         f"{n} samples (task-balanced), greedy answers. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{(time.time() - t0) / 60:.1f} min on {platform.machine()}, {a.threads} thread(s).",
+        f"{(time.time() - t0) / 60:.1f} min on {platform.machine()}, {a.threads} thread(s)"
+        + (f"; {rc.reused} row(s) measured by an earlier run on the same weights (`--reuse`)." if rc.reused else "."),
         "",
         "Retention = mean over task types of accuracy / FP accuracy; agreement and KL (first answer "
         "token) against the FP full-token answers.",

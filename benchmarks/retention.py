@@ -177,21 +177,10 @@ def _run(a, model_arg, progress, t_start) -> int:
                                    calib_samples=a.calib_samples, calib_seed=a.seed)
         return harnesses[n]
 
-    import hashlib
-    import json
+    from rowcache import RowCache
 
-    from quota_export import __version__
-
-    weights_sha = hashlib.sha256()
-    for f in sorted(Path(a.model).glob("*.safetensors")):
-        weights_sha.update(f.read_bytes())
-    weights_sha = weights_sha.hexdigest()
-    rows_path = rec_dir / "rows.json"
-    try:
-        cache = json.loads(rows_path.read_text()) if a.reuse and rows_path.exists() else {}
-    except ValueError:
-        sys.exit(f"error: --reuse: {rows_path} is not valid JSON; remove it or drop --reuse")
-    n_reused = [0]
+    rc = RowCache(rec_dir / "rows.json", a.model, a.reuse)
+    weights_sha = rc.sha
 
     def stamp(path: Path):
         """Record which model weights the recipe at `path` was calibrated on (checked by --reuse)."""
@@ -200,16 +189,7 @@ def _run(a, model_arg, progress, t_start) -> int:
     def measured(n, key, fn):
         """(metrics, seconds) of a row: from rows.json with --reuse when this exact row was measured
         there, else evaluated now (and recorded for later runs)."""
-        k = json.dumps([weights_sha, a.bench, n, a.calib, a.calib_samples, a.seed, __version__, key])
-        if k in cache:
-            n_reused[0] += 1
-            return cache[k]["metrics"], cache[k]["seconds"]
-        m, secs = _timed(fn)
-        cache[k] = {"metrics": m, "seconds": secs}
-        tmp = rows_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        tmp.replace(rows_path)
-        return m, secs
+        return rc.measure([a.bench, n, a.calib, a.calib_samples, a.seed, key], fn)
 
     def once(n, key, fn):
         if (n, key) not in shared:
@@ -256,8 +236,8 @@ def _run(a, model_arg, progress, t_start) -> int:
             "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|")
 
     def write(final=False):
-        reuse_note = (f" {n_reused[0]} row(s) taken from an earlier run's measurements (`--reuse`, same model "
-                      f"weights and settings; their s is the time they took then).") if n_reused[0] else ""
+        reuse_note = (f" {rc.reused} row(s) taken from an earlier run's measurements (`--reuse`, same model "
+                      f"weights and settings; their s is the time they took then).") if rc.reused else ""
         tail = [f"Total {time.perf_counter() - t_start:.0f} s.{reuse_note}"] if final else [
             f"**Partial report** (run in progress or stopped; {time.perf_counter() - t_start:.0f} s so far)."]
         body = head_lines + sections
