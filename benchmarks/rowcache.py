@@ -30,15 +30,14 @@ class RowCache:
         from quota_export import __version__
 
         self.path, self.reused = Path(path), 0
-        self.prefix = [weights_sha256(model), __version__]
-        self.sha = self.prefix[0]
+        self.sha, self.version = weights_sha256(model), __version__
         try:
             self.rows = json.loads(self.path.read_text()) if reuse and self.path.exists() else {}
         except ValueError:
             sys.exit(f"error: --reuse: {self.path} is not valid JSON; remove it or drop --reuse")
 
     def measure(self, key, fn):
-        k = json.dumps(self.prefix + list(key))
+        k = json.dumps([self.sha, self.version, *key])
         if k in self.rows:
             self.reused += 1
             return self.rows[k]["metrics"], self.rows[k]["seconds"]
