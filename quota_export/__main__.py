@@ -127,11 +127,12 @@ def cmd_verify(a) -> int:
         # a set built for another size than the benchmark's images sees them resized
         data = load_items(a.bench, a.samples, runner.image_size, resize=several)
         where = str(folder)
-        _say(f"comparing {where} with the PyTorch reference of {recipe.model_path()} on {len(data.items)} samples")
+        _say(f"comparing {where} with the PyTorch reference (fp64 reductions) of {recipe.model_path()} on {len(data.items)} samples")
         if base is None:
             base = load_model(recipe)
         reductions = runner.manifest.get("reductions", "fp64")
-        _, dep = deployed_at(recipe, base, (h, w) if recipe.export.image_sizes else None, fp64=reductions == "fp64")
+        # the exact reference (fp64 reductions) for every build, as `build` checks it (verify.py)
+        _, dep = deployed_at(recipe, base, (h, w) if recipe.export.image_sizes else None, fp64=True)
         rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, _progress(), ids=data.ids)
         d = rep.as_dict()
         print(("  " if several else "") + summary_line(d, data.source))

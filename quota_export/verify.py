@@ -22,13 +22,16 @@ THRESHOLDS = {
     "logits_sqnr_db_median": None,
     "vision_sqnr_db_min": 60.0,  # the vision tower is exported unquantized: float noise only
 }
-# Statistical parity, for graphs with fp32 reductions (the `tensorrt` target). fp32 sums in
-# another order than torch's differ in the last bit now and then, and a 4-bit activation quantizer
-# turns that into a whole step on one activation, which spreads through the later layers of that
-# sample: measured over 240 test samples, 78-91% of the samples are bit-identical, the others
-# reach 10-37 dB and may keep another token or two, answers agree in 99-100%. A lowering bug
-# breaks most samples, so the fp32 check asks that most samples hold (median SQNR) and that
-# kept indices and answers agree in most samples; the per-sample misses are still listed.
+# Statistical parity, for graphs with fp32 reductions (the `tensorrt` target), checked like fp64
+# graphs against the exact reference (fp64 reductions). fp32 sums in another order than the exact
+# ones differ in the last bit now and then, and a 4-bit activation quantizer turns that into a
+# whole step on one activation, which spreads through the later layers of that sample. Measured
+# on the shipped model and its default recipe over 240 test samples: 209 samples >= 40 dB (most
+# agree to float rounding of the logits, ~125 dB), the other 31 reach 20.7-39.6 dB, 3 of them keep
+# another token at the deepest stage; answers agree in all 240. (Against a reference with fp32
+# reductions of its own, torch's roundings add to the graphs': the median sample fell to ~30 dB.)
+# A lowering bug breaks most samples, so the fp32 check asks that most samples hold (median SQNR)
+# and that kept indices and answers agree in most samples; the per-sample misses are still listed.
 THRESHOLDS_FP32 = {
     "kept_index_agreement": 0.75,
     "answer_agreement": 0.85,
