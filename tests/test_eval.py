@@ -107,3 +107,42 @@ def test_stagewise_merge(tiny_llava, capsys):
                "--samples", "2", "--merge"])
     assert rc != 0
     assert "--merge applies to the stage-wise baselines, not none" in capsys.readouterr().err
+
+
+def test_paired_bootstrap():
+    """benchmarks/paired.py: point values equal the harness's retention formula; identical methods
+    measure no difference; a method right on many more samples is found better, with an interval
+    that excludes 0; methods measured on other samples are refused."""
+    import importlib.util
+
+    import numpy as np
+
+    from quota_export.evaluate import per_task_accuracy, retention
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paired.py"
+    spec = importlib.util.spec_from_file_location("paired", path)
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    rng = np.random.default_rng(1)
+    tasks = [t for t in ("exist", "count", "digit") for _ in range(100)]
+    fp = list(rng.random(300) < 0.9)
+
+    def side(p_correct):
+        c = [bool(f and r < p_correct) for f, r in zip(fp, rng.random(300))]
+        return {"tasks": tasks, "correct": c, "fp_correct": fp, "agree": c, "kl": list(rng.random(300) * (1 - p_correct))}
+
+    a, b = side(0.95), side(0.6)
+    r = paired.paired(a, b, boot=300)
+    want = retention(per_task_accuracy(tasks, a["correct"]), per_task_accuracy(tasks, fp))
+    assert abs(r["a"][0] - want) < 1e-12
+    lo, hi = np.percentile(r["boot"][:, 0], [2.5, 97.5])
+    assert lo > 0 and paired.verdict(r["diff"][0], lo, hi, True) == "A better"
+    klo, khi = np.percentile(r["boot"][:, 2], [2.5, 97.5])
+    assert paired.verdict(r["diff"][2], klo, khi, False) == "A better"  # lower KL is better
+    same = paired.paired(a, a, boot=300)
+    assert same["diff"] == (0.0, 0.0, 0.0) and not same["boot"].any() and same["only_a"] == same["only_b"] == 0
+    assert paired.verdict(0.0, 0.0, 0.0, True).startswith("no difference")
+    with pytest.raises(ValueError, match="same samples"):
+        paired.paired(a, {**b, "tasks": tasks[::-1]}, boot=100)
