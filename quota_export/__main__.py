@@ -115,8 +115,8 @@ def cmd_verify(a) -> int:
         raise UserError(f"--samples: must be at least 1, got {a.samples}")
     sets = graph_sets(a.artifacts)
     several = len(sets) > 1
-    keys = ("kept_index_agreement", "kept_index_agreement_per_stage", "answer_agreement", "logits_sqnr_db_min", "samples",
-            "failing_samples")
+    keys = ("kept_index_agreement", "kept_index_agreement_per_stage", "answer_agreement", "logits_sqnr_db_min",
+            "logits_sqnr_db_median", "samples", "failing_samples")
     reports, fails = {}, []
     base = None
     for (h, w), folder in sets:

@@ -105,7 +105,6 @@ class ParityReport:
         """JSON-safe summary (an infinite SQNR - bit-identical logits - is written as "inf")."""
         n = max(self.samples, 1)
         per_stage = [a / n for a in self.kept_agree]
-        finite = [s for s in self.sqnr if math.isfinite(s)]
         lo = self.sqnr_min()
         return {
             "samples": self.samples,
@@ -113,7 +112,8 @@ class ParityReport:
             "kept_index_agreement_per_stage": per_stage,
             "answer_agreement": self.answers_agree / n,
             "logits_sqnr_db_min": None if lo is None else (round(lo, 2) if math.isfinite(lo) else "inf"),
-            "logits_sqnr_db_median": round(float(np.median(finite)), 2) if finite else None,
+            # over all samples, as the fp32 check takes it (bit-identical logits count as "inf")
+            "logits_sqnr_db_median": _db(float(np.median(self.sqnr))) if self.sqnr else None,
             "logits_sqnr_db": [round(s, 2) if math.isfinite(s) else "inf" for s in self.sqnr],
             "vision_sqnr_db_min": _db(min(self.vision_sqnr)) if self.vision_sqnr else None,
             "failing_samples": self.misses(),
@@ -185,8 +185,10 @@ def summary_line(d: dict, source: str | None = None) -> str:
     """One line for people: `parity over 8 samples of test.jsonl: kept-index agreement 100.0%, ...`."""
     lo = d["logits_sqnr_db_min"]
     lo = "n/a" if lo is None else (f"{lo} dB" if isinstance(lo, str) else f"{lo:.2f} dB")
+    med = d.get("logits_sqnr_db_median")
+    med = "" if med is None else (f", median {med} dB" if isinstance(med, str) else f", median {med:.2f} dB")
     of = f" of {source}" if source else ""
     return (
         f"parity over {d['samples']} samples{of}: kept-index agreement {d['kept_index_agreement'] * 100:.1f}%, "
-        f"answer agreement {d['answer_agreement'] * 100:.1f}%, logits SQNR min {lo}"
+        f"answer agreement {d['answer_agreement'] * 100:.1f}%, logits SQNR min {lo}{med}"
     )

@@ -46,4 +46,4 @@ def test_default_recipe_builds_for_tensorrt(tmp_path, monkeypatch, capsys):
     p = man["parity"]
     assert man["reductions"] == "fp32" and p["reference_reductions"] == "fp64"
     assert p["samples"] == 8 and p["kept_index_agreement"] == 1.0 and p["answer_agreement"] == 1.0
-    assert p["logits_sqnr_db_median"] >= 100  # most samples agree to float rounding of the logits
+    assert p["logits_sqnr_db_median"] == "inf" or p["logits_sqnr_db_median"] >= 100  # most samples agree to float rounding of the logits
