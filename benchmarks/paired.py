@@ -34,6 +34,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+DEFAULT_OUT = ROOT / "benchmarks" / "paired-default.md"
+
+
+def _rel(p: Path) -> str:
+    try:
+        return Path(p).resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(p)
+
+
 def parse_method(spec: str) -> dict:
     """`recipe:PATH` or `METHOD[+merge]:QUANT:BUDGET` -> dict; exits with one line if malformed."""
     from quota_export.evaluate import METHODS
@@ -132,7 +142,8 @@ def report(r: dict, a: dict, b: dict, args, secs: dict) -> str:
         f"# Paired comparison: {a['spec']} vs {b['spec']}",
         "",
         f"`python benchmarks/paired.py --bench {args.bench}{f' --samples {args.samples}' if args.samples else ''} "
-        f"--a {a['spec']} --b {b['spec']} --boot {args.boot}` on {platform.node() or 'this machine'} "
+        f"--a {a['spec']} --b {b['spec']} --boot {args.boot}"
+        f"{'' if args.out.resolve() == DEFAULT_OUT.resolve() else f' --out {_rel(args.out)}'}` on {platform.node() or 'this machine'} "
         f"({time.strftime('%Y-%m-%d', time.gmtime())}); model `{args.model}`; {r['n']} samples "
         f"({'a task-balanced slice' if args.samples else 'all of the bench'}); evaluation A {secs['a']:.0f} s, "
         f"B {secs['b']:.0f} s (a side measured first in its process includes the FP reference run).",
@@ -172,7 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="take sides already measured from <out stem>_{a,b}_rows.json")
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "paired-default.md")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     if args.boot < 100:
         sys.exit("error: --boot: need at least 100 resamples")
