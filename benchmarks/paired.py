@@ -46,7 +46,7 @@ def _rel(p: Path) -> str:
 
 def parse_method(spec: str) -> dict:
     """`recipe:PATH` or `METHOD[+merge]:QUANT:BUDGET` -> dict; exits with one line if malformed."""
-    from quota_export.evaluate import METHODS
+    from quota_export.prune.baselines import METHODS as STAGEWISE
 
     kind, _, rest = spec.partition(":")
     if kind == "recipe":
@@ -56,7 +56,7 @@ def parse_method(spec: str) -> dict:
         return {"spec": spec, "recipe": str(p), "sha": hashlib.sha256(p.read_bytes()).hexdigest()}
     parts = spec.split(":")
     method, merge = (parts[0][: -len("+merge")], True) if parts[0].endswith("+merge") else (parts[0], False)
-    if len(parts) != 3 or method not in METHODS or method in ("quota", "fp", "none"):
+    if len(parts) != 3 or method not in STAGEWISE:
         sys.exit(f"error: {spec}: expected recipe:PATH or METHOD[+merge]:QUANT:BUDGET with METHOD a stage-wise "
                  f"baseline")
     try:
@@ -68,7 +68,7 @@ def parse_method(spec: str) -> dict:
 
 def per_sample(h, m: dict) -> dict:
     """Run method `m` on harness `h`: per-sample lists (tasks, correct, fp_correct, agree, kl)."""
-    from quota_export.evaluate import is_correct
+    from quota_export.evaluate import is_correct, kl_rows
     from quota_export.recipe import load_recipe
 
     if "recipe" in m:
@@ -76,7 +76,7 @@ def per_sample(h, m: dict) -> dict:
     else:
         res = h.run(m["method"], m["quant"], m["budget"], merge=m["merge"])
     ref = h.fp_reference()
-    kl = (ref.first_logp.exp() * (ref.first_logp - res.first_logp)).sum(-1)
+    kl = kl_rows(ref.first_logp, res.first_logp)
     return {
         "tasks": [s.task for s in h.samples],
         "correct": [bool(is_correct(a, s.answer, s.options)) for a, s in zip(res.answers, h.samples)],

@@ -76,9 +76,14 @@ def retention(per_task: dict[str, float], fp_per_task: dict[str, float]) -> floa
     return sum(r) / len(r) if r else math.nan
 
 
+def kl_rows(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(P_ref || P) of each row of log-prob rows [S, V] -> [S]."""
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+
 def mean_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
     """Mean over rows of KL(P_ref || P) for log-prob rows [S, V]."""
-    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+    return float(kl_rows(ref_logp, logp).mean())
 
 
 # ---------------------------------------------------------------- runs
