@@ -230,13 +230,6 @@ class _Entry:
     constant: tuple[bool, ...]  # which signals are constant (their weight is irrelevant)
 
 
-def combine(st, *signals):
-    """The stage score exactly as the reference (and the graphs) compute it."""
-    from quota_export.reference import stage_score
-
-    return stage_score(st, *signals)
-
-
 def kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
     """KL(p_ref || softmax(logits)) in nats (float64)."""
     lp = torch.log_softmax(logits.double().flatten(), dim=-1)
@@ -267,11 +260,8 @@ class Evaluator:
     def __init__(self, dep, prompts, progress: bool = False):
         from tqdm import tqdm
 
-        from quota_export.reference import rmsnorm
-
         self.dep = dep
         self.L = dep.spec.num_layers
-        self._rmsnorm = rmsnorm
         self.samples: list[_Sample] = []
         self.cache: dict[tuple, float] = {}
         self.sigma_cache: dict[tuple, tuple] = {}  # (prefix, layer) -> (sigma, constant)
@@ -284,13 +274,9 @@ class Evaluator:
                 for l in range(self.L):
                     hs.append(h)
                     h, _ = dep.layer(l, h, pos)
-                ref = torch.log_softmax(self._head(h).double().flatten(), dim=-1)
+                ref = torch.log_softmax(dep.head(h).double().flatten(), dim=-1)
                 self.samples.append(_Sample(hs, pos, p.visual_start, p.n_visual, ref))
         self.n_visual = self.samples[0].n if self.samples else 0
-
-    def _head(self, h):
-        d = self.dep
-        return self._rmsnorm(h[:, -1], d.norm, d.spec.rms_eps, d.hp) @ d.lm_head.T
 
     @torch.no_grad()
     def _entry(self, prefix: tuple, layer: int, memo: dict) -> _Entry:
@@ -312,16 +298,17 @@ class Evaluator:
 
     def _advance(self, smp: _Sample, state, signals, sigma, stage, to_layer: int):
         """Prune `state` at `stage` (scored from `signals`), then run its layer .. to_layer - 1."""
-        from quota_export.prune.topk import stable_topk
-        from quota_export.reference import StageCfg
+        from quota_export.ops.gather import stable_topk
+        from quota_export.ops.maxmin import maxmin_score
+        from quota_export.ops.signals import stage_score
 
         h, pos, n, cnt = state
         layer, keep, w = stage
         start = smp.start
         if w == MAXMIN:
-            idx = stable_topk(self.dep.maxmin_score(layer, h, pos, start, n, keep), keep)
+            idx = stable_topk(maxmin_score(self.dep.cosine(layer, h, pos, start, n), keep), keep)
         else:
-            idx = stable_topk(combine(StageCfg(layer, keep, w, sigma), *signals), keep)
+            idx = stable_topk(stage_score(w, sigma, *signals), keep)
         if self.dep.cfg.merge:
             cnt = self.dep.merge_counts(layer, h, pos, idx, start, n, torch.ones(n, dtype=torch.float64) if cnt is None else cnt)
         bias = self.dep.key_bias(cnt, start)
@@ -360,7 +347,7 @@ class Evaluator:
                     tot = 0.0
                     for smp, st, sg in zip(self.samples, e.states, e.signals):
                         h = self._advance(smp, st, sg, e.sigma, c[-1], self.L)[0]
-                        tot += kl(smp.ref_logp, self._head(h))
+                        tot += kl(smp.ref_logp, self.dep.head(h))
                     self.cache[c] = tot / len(self.samples)
                 self.evals += 1
                 if bar is not None:
@@ -561,7 +548,7 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
                    pruning=Pruning(budget=1.0, n_visual=N, stages=[], merge=merge))
     probe.check_against(spec.num_layers, N, adapter.module_names())
     cfg = DeployConfig.from_recipe(probe)
-    if cfg.w_algorithm != "rtn":
+    if cfg.weights.algorithm != "rtn":
         raise UserError("calibrate: only rtn weight quantization is implemented")
     dep = Deployed(adapter, cfg)
     chosen = select_samples(data, samples, seed)

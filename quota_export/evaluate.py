@@ -176,7 +176,7 @@ class Harness:
         data, n, seed = self.calib
         if data is None:
             raise UserError(f"--quant {scheme}: GPTQ needs calibration data; give --calib JSONL")
-        if cfg.w_bits >= 16:
+        if cfg.weights.bits >= 16:
             raise UserError(f"--quant {scheme}: the scheme leaves the weights unquantized")
         wq = r.resolved_quant().weights.model_copy(update={"algorithm": "gptq"})
         prompts = [self.adapter.prompt(load_image(s), s.question) for s in select_samples(data, n, seed)]

@@ -133,6 +133,10 @@ class WeightQuant(BaseModel):
 
         return exact_scale_bits(in_features, self.bits, self.symmetric, act_bits)
 
+    def quantized(self, module_names: list[str]) -> list[str]:
+        """Names (in the given order) of the modules whose weights are quantized; none if bits == 16."""
+        return [] if self.bits == 16 else [n for n in module_names if self.selects(n)]
+
     def selects(self, module_name: str) -> bool:
         """True if the module is quantized: matched by some target and by no ignore pattern."""
         return any(re.search(p, module_name) for p in self.targets) and not any(
@@ -143,7 +147,7 @@ class WeightQuant(BaseModel):
 class ActQuant(BaseModel):
     model_config = _CONFIG
     bits: Literal[4, 8, 16] = 4  # 16 = not quantized
-    granularity: Literal["token", "tensor"] = "token"  # token: dynamic per-token sym; tensor: static per-tensor
+    granularity: Literal["token"] = "token"  # dynamic per-token symmetric (the only one implemented)
     rotation: Literal["none", "hadamard"] = "none"
 
 
@@ -499,11 +503,6 @@ class Recipe(BaseModel):
             for i, pat in enumerate(getattr(w, field)):
                 if not any(re.search(pat, n) for n in module_names):
                     raise UserError(f"quant.weights.{field}.{i}: pattern {pat!r} matches no module of the model")
-
-    def quantized_modules(self, module_names: list[str]) -> list[str]:
-        """Names (in the given order) of the modules whose weights are quantized; none if bits == 16."""
-        w = self.resolved_quant().weights
-        return [] if w.bits == 16 else [n for n in module_names if w.selects(n)]
 
     # -- serialisation
 

@@ -17,13 +17,12 @@ from quota_export.quant.hadamard import (
 from quota_export.quant.quantizers import (
     EPS,
     dequantize,
-    fake_quant_act,
-    fake_quant_kv,
-    kv_quantize,
     qrange,
     quantize,
     quantize_weight,
 )
+from quota_export.ops.act_quant import fake_quant_act
+from quota_export.ops.kv_cache import kv_fake, kv_quantize
 from quota_export.quant.rtn import rtn
 from quota_export.recipe import GPTQArgs, WeightQuant
 
@@ -122,14 +121,6 @@ def test_act_per_token_matches_numpy(bits):
     assert torch.all(got[0, 0] == 0)
 
 
-def test_act_static_per_tensor_matches_numpy():
-    x = randn(4, 32, seed=2, scale=3.0)
-    s = torch.tensor(0.25)
-    got = fake_quant_act(x, 4, static_scale=s)
-    want = np_quant(x.numpy(), F32(0.25), None, 4, True) * F32(0.25)
-    np.testing.assert_array_equal(got.numpy(), want)
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group", [8, 32, 64])  # 64 = in-features: per-channel
@@ -164,7 +155,7 @@ def test_kv_matches_numpy(bits, group):
     np.testing.assert_array_equal(q.float().numpy(), nq)
     np.testing.assert_array_equal(s.numpy(), ns)
     np.testing.assert_array_equal(z.float().numpy(), nz)
-    fq = fake_quant_kv(x, bits, group)
+    fq, _ = kv_fake(x, bits, group)
     np.testing.assert_array_equal(fq.numpy(), ndq)
     step = s.repeat_interleave(group, dim=-1)
     assert torch.all((fq - x).abs() <= step / 2 + 1e-6)  # within half a step everywhere (no saturation)
@@ -455,7 +446,7 @@ def test_exact_accumulation_matches_onnxruntime_4bit_kernel():
     import onnxruntime as ort
     from onnx import TensorProto
 
-    from quota_export.lower.graph import Graph
+    from quota_export.ops.graph import Graph
     from quota_export.quant.quantizers import exact_scale_bits
 
     g = torch.Generator().manual_seed(2)

@@ -126,11 +126,11 @@ def test_check_against_ok(names):
 
 def test_quantized_modules(names):
     r = Recipe.model_validate(base())
-    got = r.quantized_modules(names)
+    got = r.resolved_quant().weights.quantized(names)
     assert len(got) == 7 * N_LAYERS
     assert "model.language_model.layers.3.mlp.down_proj" in got
     assert not any("vision_tower" in n or "lm_head" in n for n in got)
-    assert Recipe.model_validate(mutate(quant={"scheme": "fp"})).quantized_modules(names) == []
+    assert Recipe.model_validate(mutate(quant={"scheme": "fp"})).resolved_quant().weights.quantized(names) == []
 
 
 # ---------------------------------------------------------------- file-level errors
