@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quota_export import UserError, __version__
+from quota_export import UserError, versions
 
 PARITY_SAMPLES = 8
 STEPS = 5
@@ -35,21 +35,6 @@ class ParityError(UserError):
     """The built graphs disagree with the PyTorch reference (an exporter bug, not bad input)."""
 
     exit_code = 1
-
-
-def versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    return {
-        "quota_export": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
 
 
 def _check_quant_fits(recipe, adapter, spec) -> None:
@@ -339,7 +324,7 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
                 "target": target,
                 "sets": [{"image_size": list(sz), "dir": size_dir(sz), "n_visual": m["model"]["n_visual"],
                           "schedule": m["schedule"], "parity": m["parity"]} for sz, m in sets],
-                "versions": versions(),
+                "versions": versions(runtime=True),
             }
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -425,7 +410,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
             "max_seq": recipe.export.max_seq,
         },
         "graphs": {n: {**files[n], **io_spec(m)} for n, m in graphs.items()},
-        "versions": versions(),
+        "versions": versions(runtime=True),
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 

@@ -1,4 +1,4 @@
-"""GPTQ weights calibrated on the token streams the deployed model really produces (DESIGN §4).
+"""GPTQ weights calibrated on the token streams the deployed model really produces (docs/design.md §4).
 
     prompts --embed--> h_0 of every calibration sample
     for layer l = 0 .. L-1 (sequentially, as GPTQ and llm-compressor do):

@@ -243,7 +243,7 @@ SIGNALS = ("magnitude", "attention", "risk", "diversity")  # the pruning score's
 
 class ScoreWeights(BaseModel):
     """Per-stage score weights: s = w_m m/sigma_m + w_a a/sigma_a - w_r r/sigma_r + w_d d/sigma_d
-    (each >= 0; DESIGN §4: magnitude, attention, low-bit risk, diversity)."""
+    (each >= 0; docs/design.md §4: magnitude, attention, low-bit risk, diversity)."""
 
     model_config = _CONFIG
     magnitude: float = Field(0.0, ge=0)
@@ -299,7 +299,7 @@ class Pruning(BaseModel):
     tie: Literal["lower_index"] = "lower_index"
     method: str = "quota"
     # "proportional": a dropped token is merged into its most similar kept token, whose attention
-    # logits then get + log(tokens it stands for) (DESIGN §4); "none": dropped tokens vanish
+    # logits then get + log(tokens it stands for) (docs/design.md §4); "none": dropped tokens vanish
     merge: Literal["none", "proportional"] = "none"
 
     @model_validator(mode="after")
@@ -381,7 +381,6 @@ class Export(BaseModel):
     model_config = _CONFIG
     opset: int = Field(21, ge=21)
     targets: list[Literal["onnx", "tensorrt"]] = Field(default_factory=lambda: ["onnx"])
-    gather: Literal["onnx", "plugin"] = "onnx"
     max_seq: int = Field(256, gt=0)
     max_new_tokens: int = Field(8, gt=0)
     # Image sizes [H, W] to build graphs for (one set each, k per stage from the fractions);

@@ -427,7 +427,7 @@ def full() -> Recipe:
         "versions": {"torch": "2.13.0", "transformers": "5.23.0"},
         "notes": "yes: no\n# not a comment",
     }
-    d["export"] = {"targets": ["onnx", "tensorrt"], "gather": "plugin"}
+    d["export"] = {"targets": ["onnx", "tensorrt"], "reductions": "fp32"}
     return Recipe.model_validate(d)
 
 
@@ -481,3 +481,10 @@ def test_content_hash_preset_equals_spelled_out():
     a = Recipe.model_validate(base())
     b = Recipe.model_validate(mutate(quant=copy.deepcopy(spelled)))
     assert a.content_hash() == b.content_hash()
+
+
+def test_refused_knobs_are_schema_errors(tmp_path):
+    """Knobs the code never read are gone from the schema: a recipe naming them is one error line."""
+    assert load_error(tmp_path, mutate(export={"gather": "plugin"})).startswith("export.gather")
+    msg = load_error(tmp_path, mutate(quant={"scheme": "w4a4kv4", "activations": {"bits": 4, "granularity": "tensor"}}))
+    assert msg.startswith("quant.activations.granularity")

@@ -3,7 +3,7 @@
     prompt --FP Deployed (same schedule, baseline selector on its OWN pruned stream)--> kept idx per stage
            --quantized Deployed.prefill/generate(keep_fn = replay of those indices)--> answer
 
-That is the stage-wise pipeline DESIGN §4 compares against: the pruning decisions come from a
+That is the stage-wise pipeline docs/design.md §4 compares against: the pruning decisions come from a
 model the deployment never runs. The FP scorer sees the FP model's own stream (its hidden states
 after its own earlier stages), not the quantized model's hidden states; the quantized model then
 drops exactly the tokens the FP model dropped. The quantizer is the scheme's RTN (which needs no
