@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import onnx_run, randn
+from op_harness import onnx_run, randn
 
 from quota_export.ops.act_quant import act_quant_onnx, fake_quant_act, quant_act
 from quota_export.ops.graph import FLOAT

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import onnx_run, randn
+from op_harness import onnx_run, randn
 
 from quota_export.ops.attention import Heads, attend, attend_onnx
 from quota_export.ops.graph import DOUBLE, FLOAT

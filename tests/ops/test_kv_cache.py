@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import onnx_run, randn
+from op_harness import onnx_run, randn
 
 from quota_export.ops.graph import FLOAT, UINT8
 from quota_export.ops.kv_cache import KVLayout, KVNames, kv_dequant_onnx, kv_fake, kv_quant_onnx, kv_quantize

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import onnx_run, randn
+from op_harness import onnx_run, randn
 
 from quota_export.ops.graph import FLOAT
 from quota_export.ops.linear import linear, linear_input, linear_onnx, weight_onnx

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import onnx_run, randn
+from op_harness import onnx_run, randn
 
 from quota_export.ops.attention import Heads
 from quota_export.ops.graph import DOUBLE, FLOAT

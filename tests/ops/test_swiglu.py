@@ -1,5 +1,5 @@
 import numpy as np
-from conftest import onnx_run, randn
+from op_harness import onnx_run, randn
 
 from quota_export.ops.graph import FLOAT
 from quota_export.ops.swiglu import swiglu, swiglu_onnx
