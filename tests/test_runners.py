@@ -192,11 +192,14 @@ def test_engine_loader_is_strongly_typed_without_tf32(tmp_path):
     assert profile["position_ids"].opt[1] == profile["inputs_embeds"].opt[1]
 
 
+CUDA_REASON = runners.backend_unavailable_reason("ort-cuda")
+TRT_REASON = runners.backend_unavailable_reason("tensorrt")
+
+
 @pytest.mark.gpu
-def test_ort_cuda_runner_matches_cpu(built, items):
-    reason = runners.backend_unavailable_reason("ort-cuda")
-    if reason:
-        pytest.skip(f"ort-cuda: {reason}")
+@pytest.mark.skipif(CUDA_REASON is not None, reason=f"ort-cuda: {CUDA_REASON}")
+def test_ort_cuda_runner_matches_reference(built, items):
+    """UNVERIFIED here: the CUDA EP path holds the build's parity thresholds."""
     from quota_export.build import deployed_at, load_model
     from quota_export.recipe import load_recipe
     from quota_export.verify import compare
@@ -209,12 +212,10 @@ def test_ort_cuda_runner_matches_cpu(built, items):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(TRT_REASON is not None, reason=f"tensorrt: {TRT_REASON}")
 def test_tensorrt_runner_engine_parity(tmp_path):
-    """`build --target tensorrt` of a tiny model on a machine with TensorRT: engines written, engine
-    parity recorded and holding the fp32 thresholds."""
-    reason = runners.backend_unavailable_reason("tensorrt")
-    if reason:
-        pytest.skip(f"tensorrt: {reason}")
+    """UNVERIFIED here: `build --target tensorrt` of a tiny model on a machine with TensorRT writes
+    the engines, records engine parity (TrtRunner) holding the fp32 thresholds; verify agrees."""
     from conftest import make_tiny_llava
     from test_build import write_recipe
 

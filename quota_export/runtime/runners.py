@@ -23,6 +23,7 @@ and have not run on the development machines (docs/gpu.md).
 from __future__ import annotations
 
 import ctypes
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -51,11 +52,13 @@ class BackendUnavailable(UserError):
     exit_code = 3
 
 
-def quiet_polygraphy() -> None:
-    """Polygraphy logs every activation and inference at INFO; keep its warnings and errors only."""
+def quiet_polygraphy(warnings: bool = False) -> None:
+    """Polygraphy logs every activation and inference at INFO, to stdout (where `run` prints its
+    answer): keep its errors only, or its warnings too (`warnings`: engine builds)."""
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.WARNING
+    G_LOGGER.colors = False  # else it asks for the optional `colored` module on first use
+    G_LOGGER.module_severity = G_LOGGER.WARNING if warnings else G_LOGGER.ERROR
 
 
 def gpu_unavailable_reason() -> str | None:
@@ -181,12 +184,14 @@ class PipelineRunner(_SampleRunner, BaseRunner):
         self.graphs, self.max_new_tokens = graphs, max_new_tokens
 
     def infer_impl(self, feed_dict):
+        t0 = time.perf_counter()
         image, q = feed_dict["image"], _question(feed_dict)
         res = self.graphs.generate(image, q, self.max_new_tokens)
         ids, pix = self.graphs.encode(image, q)
         out = OrderedDict(inputs_embeds=self.graphs.embeds(ids, pix), logits=res.prefill_logits)
         out.update((f"kept.{i}", k) for i, k in enumerate(res.kept))
         out["tokens"] = np.asarray(res.tokens, np.int64)
+        self.inference_time = time.perf_counter() - t0
         return out
 
 
@@ -201,6 +206,7 @@ class ReferenceRunner(_SampleRunner, BaseRunner):
     def infer_impl(self, feed_dict):
         import torch
 
+        t0 = time.perf_counter()
         prompt = self.deployed.adapter.prompt(feed_dict["image"], _question(feed_dict))
         with torch.no_grad():
             ref_emb = self.deployed.embed_prompt(prompt)
@@ -209,6 +215,7 @@ class ReferenceRunner(_SampleRunner, BaseRunner):
         out = OrderedDict(inputs_embeds=ref_emb.numpy(), logits=res.logits.numpy())
         out.update((f"kept.{i}", k.numpy()) for i, k in enumerate(res.kept))
         out["tokens"] = np.asarray(toks, np.int64)
+        self.inference_time = time.perf_counter() - t0
         return out
 
 

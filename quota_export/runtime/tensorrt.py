@@ -76,7 +76,7 @@ def build_engines(folder: Path, manifest: dict, say=lambda _m: None) -> dict[str
 
     from quota_export.runtime.runners import quiet_polygraphy
 
-    quiet_polygraphy()
+    quiet_polygraphy(warnings=True)
     register_plugin()  # before any parse: the prefill graph holds quota::TokenGather nodes
     max_seq = int(manifest["export"].get("max_seq") or 256)
     m = manifest["model"]
