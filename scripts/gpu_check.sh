@@ -46,7 +46,8 @@ else
   step "gpu" "-" "ran" "$GPU"
   # onnxruntime-gpu provides the same `onnxruntime` module as the CPU wheel: one or the other
   if python3 -m pip install --quiet --dry-run "$ORT_GPU" > /dev/null 2>&1; then
-    python3 -m pip uninstall --quiet -y onnxruntime
+    # both wheels write site-packages/onnxruntime/: remove both, then install the GPU one alone
+    python3 -m pip uninstall --quiet -y onnxruntime onnxruntime-gpu
     if python3 -m pip install --quiet "$ORT_GPU"; then
       step "install" "ort-cuda" "ran" "$ORT_GPU (replaces onnxruntime)"
     else
