@@ -133,9 +133,9 @@ def cmd_verify(a) -> int:
 
     if a.samples < 1:
         raise UserError(f"--samples: must be at least 1, got {a.samples}")
+    sets = graph_sets(a.artifacts)  # a bad folder is bad input (exit 2) before the backend (exit 3)
     if _backend_refused(a.backend):
         return 3
-    sets = graph_sets(a.artifacts)
     several = len(sets) > 1
     keys = ("kept_index_agreement", "kept_index_agreement_per_stage", "answer_agreement", "logits_sqnr_db_min",
             "logits_sqnr_db_median", "samples", "failing_samples")
@@ -205,9 +205,9 @@ def cmd_run(a) -> int:
 
     if a.max_new_tokens is not None and a.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: must be at least 1, got {a.max_new_tokens}")
+    several = len(graph_sets(a.artifacts)) > 1
     if _backend_refused(a.backend):
         return 3
-    several = len(graph_sets(a.artifacts)) > 1
     runner = None if several else GraphRunner(a.artifacts, a.backend)
     if not a.image.is_file():
         raise UserError(f"{a.image}: image not found")

@@ -154,6 +154,13 @@ def test_cli_backend_refused_here_with_exit_3(built, backend, cmd, capsys):
     assert err.splitlines() == [f"error: --backend {backend}: {reason}"]
 
 
+def test_cli_bad_artifacts_is_exit_2_before_the_backend(tmp_path, capsys):
+    """Bad input is said first (exit 2), whichever backend is asked for."""
+    for backend in runners.BACKENDS:
+        rc = main(["verify", "--artifacts", str(tmp_path / "none"), "--bench", str(TEST_SPLIT), "--backend", backend])
+        assert rc == 2 and capsys.readouterr().err == f"error: {tmp_path / 'none'}: artifacts folder not found\n"
+
+
 def test_unavailable_reasons_name_the_missing_part():
     import onnxruntime as ort
 
