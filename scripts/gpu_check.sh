@@ -37,6 +37,21 @@ step() {  # step NAME BACKEND STATUS DETAIL -> one JSON line for the summary tab
   echo "[gpu_check] $1 $2: $3 - $4" >&2
 }
 
+install() {  # install BACKEND SPEC OK_NOTE FAIL_NOTE [PACKAGES TO UNINSTALL FIRST...]
+  local backend="$1" spec="$2" ok="$3" fail="$4"
+  shift 4
+  if ! python3 -m pip install --quiet --dry-run "$spec" > /dev/null 2>&1; then
+    step "install" "$backend" "skipped" "the package registry does not serve $spec"
+    return
+  fi
+  if [ $# -gt 0 ]; then python3 -m pip uninstall --quiet -y "$@"; fi
+  if python3 -m pip install --quiet "$spec"; then
+    step "install" "$backend" "ran" "$spec$ok"
+  else
+    step "install" "$backend" "failed" "pip install $spec failed$fail"
+  fi
+}
+
 if [ "$DRY" = 1 ]; then
   step "install" "-" "skipped" "dry run: nothing installed ($ORT_GPU, $TRT)"
 elif ! nvidia-smi -L > /dev/null 2>&1; then
@@ -44,27 +59,11 @@ elif ! nvidia-smi -L > /dev/null 2>&1; then
 else
   GPU="$(nvidia-smi -L | head -1)"
   step "gpu" "-" "ran" "$GPU"
-  # onnxruntime-gpu provides the same `onnxruntime` module as the CPU wheel: one or the other
-  if python3 -m pip install --quiet --dry-run "$ORT_GPU" > /dev/null 2>&1; then
-    # both wheels write site-packages/onnxruntime/: remove both, then install the GPU one alone
-    python3 -m pip uninstall --quiet -y onnxruntime onnxruntime-gpu
-    if python3 -m pip install --quiet "$ORT_GPU"; then
-      step "install" "ort-cuda" "ran" "$ORT_GPU (replaces onnxruntime)"
-    else
-      step "install" "ort-cuda" "failed" "pip install $ORT_GPU failed; reinstall the CPU wheel: pip install onnxruntime==1.31.1"
-    fi
-  else
-    step "install" "ort-cuda" "skipped" "the package registry does not serve $ORT_GPU"
-  fi
-  if python3 -m pip install --quiet --dry-run "$TRT" > /dev/null 2>&1; then
-    if python3 -m pip install --quiet "$TRT"; then
-      step "install" "tensorrt" "ran" "$TRT"
-    else
-      step "install" "tensorrt" "failed" "pip install $TRT failed"
-    fi
-  else
-    step "install" "tensorrt" "skipped" "the package registry does not serve $TRT"
-  fi
+  # onnxruntime-gpu provides the same `onnxruntime` module as the CPU wheel: one or the other. Both
+  # write site-packages/onnxruntime/: remove both, then install the GPU one alone.
+  install ort-cuda "$ORT_GPU" " (replaces onnxruntime)" "; reinstall the CPU wheel: pip install onnxruntime==1.31.1" \
+    onnxruntime onnxruntime-gpu
+  install tensorrt "$TRT" "" ""
 fi
 
 exec python3 scripts/gpu_check.py --steps "$STEPS" ${ARGS[@]+"${ARGS[@]}"}
