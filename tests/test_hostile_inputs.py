@@ -535,9 +535,11 @@ def test_edited_processor_config_is_refused(capsys, art, tmp_path):
 
 
 def test_file_added_to_processor_is_refused(capsys, art, tmp_path):
-    (art / "processor" / "chat_template.jinja").write_text("{{ 'hijacked' }}")
+    added = art / "processor" / "added_tokens.json"  # read by the tokenizer if present
+    assert not added.exists()
+    added.write_text('{"hijacked": 5}')
     rc, _, err = run(capsys, art, red(tmp_path / "ok.png"))
-    one_error(rc, err, "chat_template.jinja", "not written by the build")
+    one_error(rc, err, str(added), "not written by the build")
 
 
 def test_manifest_without_file_hashes(capsys, art, tmp_path):
