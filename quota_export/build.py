@@ -1,12 +1,13 @@
 """`build`: recipe + model -> graphs/<name>/ (vision, embed, prefill, decode, manifest), verified.
 
-    check --out -> load model (recipe checked against it) -> parity data -> lower
-      -> save into a hidden sibling folder .<name>.XXXX -> load in ONNX Runtime -> parity vs reference.py
-      -> rename into place (an older build there is swapped out only at that moment)
+    check --out (recover an interrupted build there) -> load model (recipe checked against it)
+      -> parity data -> lower -> save into a hidden sibling folder .<name>.quota-build-<pid>-<rand>
+      -> load in ONNX Runtime -> parity vs reference.py -> publish (publish.py: an older build there
+      is swapped out only at that moment; files it did not write stay)
 
 Nothing is written to the output folder unless every step succeeds: on any error (bad input, a
-parity failure, Ctrl-C) the temporary folder, and any parent folders the build created, are removed
-and an older build at the same place is left untouched.
+parity failure, Ctrl-C, SIGTERM) the temporary folder, and any parent folders the build created, are
+removed and an older build at the same place is left untouched. docs/reliability.md.
 """
 
 from __future__ import annotations
