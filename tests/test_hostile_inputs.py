@@ -583,3 +583,9 @@ def test_cli_turns_a_stray_oserror_into_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(m.COMMANDS, "run", (m.COMMANDS["run"][0], boom, m.COMMANDS["run"][2]))
     rc, _, err = cli(capsys, "run", "--artifacts", tmp_path, "--image", "x", "--prompt", "p")
     assert rc == 2 and err == f"error: {tmp_path / 'x'}: Permission denied\n"
+
+
+def test_huge_image_in_eval_names_file_and_line(capsys, tmp_path, tiny_llava):
+    bench = jsonl(tmp_path / "b.jsonl", sample(png_header(tmp_path / "big.png", 20000, 20000)))
+    rc, _, err = cli(capsys, "eval", "--model", tiny_llava, "--bench", bench, "--method", "fp")
+    one_error(rc, err, f"{bench}:1: field 'image'", "not decoded")
