@@ -258,7 +258,7 @@ def test_killed_build_leaves_nothing_after_the_next_run(tmp_path, tiny_llava, si
     r = recipe(tmp_path / "r.yaml", tiny_llava)
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "quota_export", "build", "--recipe", str(r), "--out", str(out),
-                          "--bench", str(TEST_SPLIT), "--samples", "1"], env=ENV, cwd=tmp_path,
+                          "--bench", str(TEST_SPLIT), "--samples", "4"], env=ENV, cwd=tmp_path,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not any((d / "manifest.json").exists() for d in tmp_path.glob(".out.quota-build-*")):  # parity runs
@@ -288,10 +288,8 @@ def test_catastrophic_regex_is_one_line_not_a_hang(capsys, tmp_path, tiny_llava,
         w["targets"] = [r"^model\.language_model\.layers\.\d+\.", r"^(([a-z_.0-9]+)+)+X$"]
     r = recipe(tmp_path / "r.yaml", tiny_llava, quant={"scheme": "w4a4kv4", "weights": w})
     idx = 3 if field == "ignore" else 1
-    t0 = time.monotonic()
-    rc, _, err = build_cli(capsys, r, tmp_path / "out")
-    one_error(rc, err, f"quant.weights.{field}.{idx}", "backtracks catastrophically")
-    assert time.monotonic() - t0 < 120  # not a hang (the budget is 1 s a pattern)
+    rc, _, err = build_cli(capsys, r, tmp_path / "out")  # a hang before: the child is killed past 1 s
+    one_error(rc, err, f"quant.weights.{field}.{idx}", "takes more than 1 s", "backtracks catastrophically")
     assert siblings(tmp_path, "out") == []
 
 
