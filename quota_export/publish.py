@@ -133,6 +133,8 @@ def own_files(folder: Path, marker: dict | None) -> set[str]:
             continue
         p = folder / rel
         try:
+            if not p.resolve().is_relative_to(folder.resolve()):  # through a symlinked folder: not ours
+                continue
             if p.is_symlink() or not p.is_file() or p.stat().st_size != want.get("bytes"):
                 continue
             if sha256_file(p) == want.get("sha256"):
@@ -215,7 +217,8 @@ def _recover(out: Path) -> list[str]:
     journal = parent / journal_name
     if journal.exists():
         j = _read_json(journal)
-        if not isinstance(j, dict) or not all(isinstance(j.get(k), str) and "/" not in j[k] for k in ("new", "old")):
+        if not isinstance(j, dict) or not all(isinstance(j.get(k), str) and "/" not in j[k] and j[k].startswith(pre)
+                                              for k, pre in (("new", pre_build), ("old", pre_old))):
             raise UserError(f"{journal}: unreadable journal of an interrupted publish; check {out} and remove it")
         new, old = parent / j["new"], parent / j["old"]
         if not os.path.lexists(out) and old.is_dir():

@@ -587,3 +587,26 @@ def test_huge_image_in_eval_names_file_and_line(capsys, tmp_path, tiny_llava):
     bench = jsonl(tmp_path / "b.jsonl", sample(png_header(tmp_path / "big.png", 20000, 20000)))
     rc, _, err = cli(capsys, "eval", "--model", tiny_llava, "--bench", bench, "--method", "fp")
     one_error(rc, err, f"{bench}:1: field 'image'", "not decoded")
+
+
+def test_journal_naming_other_folders_is_refused(tmp_path):
+    """A journal is ours only if it names our own temporary folders: one that points elsewhere
+    (here the parent folder) is an error, and nothing is deleted."""
+    out = tmp_path / "p" / "out"
+    out.parent.mkdir()
+    (tmp_path / publish.MARKER).write_text(json.dumps({"build_id": "x", "pid": 1}))
+    (out.parent / ".out.quota-journal").write_text(json.dumps({"new": "..", "old": ".out.quota-old-1-x"}))
+    with pytest.raises(UserError, match="unreadable journal"):
+        publish.claim(out)
+    assert (tmp_path / publish.MARKER).exists()
+
+
+def test_own_files_through_a_symlinked_folder_are_not_ours(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "p.json").write_text("{}")
+    d = tmp_path / "build"
+    d.mkdir()
+    os.symlink(elsewhere, d / "processor")
+    marker = {"build_id": "x", "files": {"processor/p.json": publish.file_entry(elsewhere / "p.json")}}
+    assert publish.own_files(d, marker) == set()
