@@ -610,3 +610,15 @@ def test_own_files_through_a_symlinked_folder_are_not_ours(tmp_path):
     os.symlink(elsewhere, d / "processor")
     marker = {"build_id": "x", "files": {"processor/p.json": publish.file_entry(elsewhere / "p.json")}}
     assert publish.own_files(d, marker) == set()
+
+
+def test_manifest_edits_that_only_the_graphs_notice(capsys, art, tmp_path):
+    """n_visual edited: the prompt check says so; M-RoPE positions added to a LLaVA manifest: ONNX
+    Runtime refuses the inputs, as one line naming the graph instead of a traceback."""
+    _edit_manifest(art, lambda m: m["model"].__setitem__("n_visual", m["model"]["n_visual"] - 1))
+    rc, _, err = run(capsys, art, red(tmp_path / "ok.png"))
+    one_error(rc, err, "image tokens", "143")
+    _edit_manifest(art, lambda m: m["model"].__setitem__("n_visual", m["model"]["n_visual"] + 1))
+    _edit_manifest(art, lambda m: m["model"].__setitem__("mrope", {"visual": [list(range(144))] * 3, "text_after": 12}))
+    rc, _, err = run(capsys, art, red(tmp_path / "ok.png"))
+    one_error(rc, err, "prefill.onnx", "ONNX Runtime cannot run it", "manifest.json edited")

@@ -323,7 +323,11 @@ class OrtRunner:
 
     def _run(self, g: str, feeds: dict) -> dict:
         s = self.sessions[g]
-        return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+        try:
+            return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+        except ort_errors() as e:  # checked graphs, inputs shaped by the manifest: an edited manifest
+            raise UserError(f"{self.dir / g}: ONNX Runtime cannot run it on these inputs ({one_line(e)}); "
+                            "manifest.json edited after the build?") from None
 
     def encode(self, image: np.ndarray, question: str):
         """-> (input_ids [1,T], pixel_values [1,3,H,W]) via the shipped processor, checked."""
