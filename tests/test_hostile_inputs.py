@@ -251,6 +251,7 @@ def test_leftover_of_a_dead_build_is_removed_live_ones_are_not(tmp_path):
     assert said == [f"      removed {left.name}, left by an interrupted build"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_build_leaves_nothing_after_the_next_run(tmp_path, tiny_llava, sig):
     """SIGTERM: the build removes its temporary folder itself (exit 143). SIGKILL: the folder
