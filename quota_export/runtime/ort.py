@@ -304,8 +304,9 @@ class OrtRunner:
         except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
             raise UserError(f"{proc}: cannot load processor ({one_line(e)})") from None
         stages = len(self.manifest["schedule"])
-        kept = sorted(o.name for o in self.sessions["prefill.onnx"].get_outputs() if o.name.startswith("kept."))
-        if kept != sorted(f"kept.{i}" for i in range(stages)):
+        pre = self.sessions.get("prefill.onnx")  # None where engines run the graphs (GraphRunner, tensorrt)
+        kept = sorted(o.name for o in pre.get_outputs() if o.name.startswith("kept.")) if pre is not None else None
+        if kept is not None and kept != sorted(f"kept.{i}" for i in range(stages)):
             raise UserError(f"{self.dir / 'manifest.json'}: corrupt manifest (schedule has {stages} stages, prefill.onnx "
                             f"outputs {len(kept)} kept-index tensors; edited after the build?)")
         m = self.manifest["model"]
