@@ -326,9 +326,14 @@ class OrtRunner:
         s = self.sessions[g]
         try:
             return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
-        except ort_errors() as e:  # checked graphs, inputs shaped by the manifest: an edited manifest
-            raise UserError(f"{self.dir / g}: ONNX Runtime cannot run it on these inputs ({one_line(e)}); "
-                            "manifest.json edited after the build?") from None
+        except ort_errors() as e:
+            raise self.refused(g, e) from None
+
+    def refused(self, g: str, e: BaseException) -> UserError:
+        """A runtime refusing the inputs of a checked graph: their shapes come from the manifest,
+        so it was edited after the build (one line naming the graph)."""
+        return UserError(f"{self.dir / g}: the runtime cannot run it on these inputs ({one_line(e)}); "
+                         "manifest.json edited after the build?")
 
     def encode(self, image: np.ndarray, question: str):
         """-> (input_ids [1,T], pixel_values [1,3,H,W]) via the shipped processor, checked."""
