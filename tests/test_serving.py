@@ -1,0 +1,411 @@
+"""Serving: the Triton model repository (configs vs graphs, the BLS model's answers) and a small
+load on the PyTriton server (`serve`), both against `run`'s answers on the shipped test split.
+
+The BLS model runs here against a stand-in for `triton_python_backend_utils` whose BLS requests
+execute the repository's models the way tritonserver's ONNX Runtime backend would: inputs checked
+against each config.pbtxt (names, types, dims), session options from the config (graph
+optimization level), no session config entries (the backend sets none). The full tritonserver
+with its onnxruntime backend is not installable here; PyTriton's server is, and the last test
+runs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quota_export.__main__ import main
+from conftest import ROOT
+
+TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The shipped model built with the default recipe (the graphs `run` answers with)."""
+    out = tmp_path_factory.mktemp("serving") / "default"
+    assert main(["build", "--recipe", str(ROOT / "recipes" / "default.yaml"), "--out", str(out),
+                 "--bench", str(TEST_SPLIT), "--samples", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples():
+    from quota_export.data import load_bench
+
+    return load_bench(TEST_SPLIT, limit=12)
+
+
+@pytest.fixture(scope="module")
+def run_answers(built, samples):
+    """What `run` answers (OrtRunner.generate, the runner `run` calls) for each sample."""
+    from quota_export.data import load_image
+    from quota_export.runtime.ort import OrtRunner
+
+    r = OrtRunner(built)
+    return [(res.text, res.tokens) for res in (r.generate(load_image(s), s.question) for s in samples)]
+
+
+@pytest.fixture(scope="module")
+def repo(built, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("repo") / "models"
+    assert main(["export-triton", "--artifacts", str(built), "--out", str(out), "--instances", "2"]) == 0
+    return out
+
+
+def test_run_answers_are_not_degenerate(run_answers):
+    assert len({a for a, _ in run_answers}) >= 3, run_answers  # equal answers below would prove little
+
+
+# ---------------------------------------------------------------- model repository
+
+
+def _parse(path: Path):
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient (the serve extra)")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def test_config_parser_is_strict(tmp_path):
+    from google.protobuf import text_format
+
+    p = tmp_path / "config.pbtxt"
+    p.write_text('name: "x"\nbackend: "onnxruntime"\nmax_batch_sise: 0\n')
+    with pytest.raises(text_format.ParseError, match="max_batch_sise"):
+        _parse(p)
+
+
+def test_repository_configs_match_graphs(repo, built):
+    import onnx
+
+    from quota_export.serve.protocol import INPUTS, MODEL_NAME, OUTPUTS
+    from quota_export.serve.repository import ORT_GRAPH_LEVEL
+
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    models = sorted(p.name for p in repo.iterdir())
+    assert models == sorted([MODEL_NAME] + [f"{MODEL_NAME}_{g}" for g in ("vision", "embed", "prefill", "decode")])
+    for g in ("vision", "embed", "prefill", "decode"):
+        d = repo / f"{MODEL_NAME}_{g}"
+        cfg = _parse(d / "config.pbtxt")
+        assert cfg.name == d.name and cfg.backend == "onnxruntime" and cfg.max_batch_size == 0
+        assert cfg.optimization.graph.level == ORT_GRAPH_LEVEL
+        assert [(i.kind, i.count) for i in cfg.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 2)]
+        assert (d / "1" / "model.onnx").read_bytes() == (built / f"{g}.onnx").read_bytes()
+        graph = onnx.load(str(d / "1" / "model.onnx")).graph
+        for declared, actual in ((cfg.input, graph.input), (cfg.output, graph.output)):
+            assert [t.name for t in declared] == [t.name for t in actual], g
+            for t, a in zip(declared, actual):
+                np_type = onnx.helper.tensor_dtype_to_np_dtype(a.type.tensor_type.elem_type)
+                assert mc.DataType.Name(t.data_type) == "TYPE_" + {"float32": "FP32"}.get(np_type.name, np_type.name.upper()), (g, t.name)
+                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in a.type.tensor_type.shape.dim]
+                assert list(t.dims) == dims, (g, t.name)
+    entry = _parse(repo / MODEL_NAME / "config.pbtxt")
+    assert entry.backend == "python" and entry.max_batch_size == 0
+    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims), t.optional) for t in entry.input] == \
+        [(n, tt, list(s), o) for n, _, tt, s, o in INPUTS]
+    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in entry.output] == \
+        [(n, tt, list(s)) for n, _, tt, s, _ in OUTPUTS]
+    assert (repo / MODEL_NAME / "1" / "model.py").is_file()
+    assert (repo / MODEL_NAME / "1" / "build" / "manifest.json").read_bytes() == (built / "manifest.json").read_bytes()
+
+
+def test_export_refuses_existing_folder(built, repo, capsys):
+    before = sorted(p.name for p in repo.iterdir())
+    assert main(["export-triton", "--artifacts", str(built), "--out", str(repo)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and str(repo) in err[-1] and "already exists" in err[-1]
+    assert sorted(p.name for p in repo.iterdir()) == before
+
+
+class FakeBackend:
+    """`triton_python_backend_utils` for the BLS model, over the repository's ONNX models."""
+
+    def __init__(self, repo: Path):
+        import onnxruntime as ort
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2 as mc
+
+        self.calls: dict[str, int] = {}
+        self.models = {}
+        levels = {-1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, 1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  2: ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 0: ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        for d in repo.iterdir():
+            cfg = text_format.Parse((d / "config.pbtxt").read_text(), mc.ModelConfig())
+            if cfg.backend != "onnxruntime":
+                continue
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 1
+            so.graph_optimization_level = levels[cfg.optimization.graph.level]
+            sess = ort.InferenceSession(str(d / "1" / "model.onnx"), so, providers=["CPUExecutionProvider"])
+            self.models[d.name] = (cfg, sess)
+        backend = self
+
+        class Tensor:
+            def __init__(self, name, array):
+                self._name, self._a = name, np.asarray(array)
+
+            def name(self):
+                return self._name
+
+            def as_numpy(self):
+                return self._a
+
+        class TritonError:
+            def __init__(self, msg):
+                self._m = msg
+
+            def message(self):
+                return self._m
+
+        class TritonModelException(Exception):
+            pass
+
+        class InferenceResponse:
+            def __init__(self, output_tensors, error=None):
+                self._out, self._err = list(output_tensors), error
+
+            def has_error(self):
+                return self._err is not None
+
+            def error(self):
+                return self._err
+
+            def output_tensors(self):
+                return self._out
+
+        class InferenceRequest:
+            def __init__(self, model_name, requested_output_names, inputs, **kw):
+                self.model_name, self.outputs, self.inputs = model_name, list(requested_output_names), list(inputs)
+
+            def exec(self):
+                return backend.execute(self)
+
+        self.Tensor, self.TritonError, self.TritonModelException = Tensor, TritonError, TritonModelException
+        self.InferenceResponse, self.InferenceRequest = InferenceResponse, InferenceRequest
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return next((t for t in request.inputs if t.name() == name), None)
+
+    @staticmethod
+    def get_output_tensor_by_name(response, name):
+        return next((t for t in response.output_tensors() if t.name() == name), None)
+
+    def execute(self, req):
+        """As tritonserver would: the request's tensors must match the model's config."""
+        from tritonclient.grpc import model_config_pb2 as mc
+
+        if req.model_name not in self.models:
+            return self.InferenceResponse([], self.TritonError(f"model {req.model_name} not found"))
+        cfg, sess = self.models[req.model_name]
+        declared = {t.name: t for t in cfg.input}
+        feeds = {}
+        for t in req.inputs:
+            spec = declared.get(t.name())
+            a = t.as_numpy()
+            want = mc.DataType.Name(spec.data_type) if spec else None
+            have = "TYPE_" + {"float32": "FP32"}.get(a.dtype.name, a.dtype.name.upper())
+            if spec is None or want != have or len(spec.dims) != a.ndim or any(
+                    d != -1 and d != s for d, s in zip(spec.dims, a.shape)):
+                return self.InferenceResponse([], self.TritonError(f"{req.model_name}: input {t.name()} {have} "
+                                                                   f"{list(a.shape)} does not match the config"))
+            feeds[t.name()] = a
+        missing = set(declared) - set(feeds)
+        if missing:
+            return self.InferenceResponse([], self.TritonError(f"{req.model_name}: missing inputs {sorted(missing)}"))
+        self.calls[req.model_name] = self.calls.get(req.model_name, 0) + 1
+        names = [o.name for o in sess.get_outputs()]
+        res = dict(zip(names, sess.run(None, feeds)))
+        return self.InferenceResponse([self.Tensor(n, res[n]) for n in req.outputs])
+
+
+@pytest.fixture
+def bls_model(repo, monkeypatch):
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient (the serve extra)")
+    from quota_export.serve.protocol import MODEL_NAME
+
+    fake = FakeBackend(repo)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    spec = importlib.util.spec_from_file_location("quota_vlm_bls_model", repo / MODEL_NAME / "1" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.TritonPythonModel()
+    model.initialize({"model_repository": str(repo / MODEL_NAME), "model_version": "1", "model_name": MODEL_NAME,
+                      "model_config": (repo / MODEL_NAME / "config.pbtxt").read_text()})
+    return model, fake
+
+
+def _request(fake, **inputs):
+    class Req:
+        def __init__(self, tensors):
+            self.inputs = tensors
+
+    return Req([fake.Tensor(k, v) for k, v in inputs.items()])
+
+
+def _sample_inputs(s, **extra):
+    return {"image": np.array([Path(s.image).read_bytes()], dtype=np.object_),
+            "prompt": np.array([s.question.encode()], dtype=np.object_), **extra}
+
+
+def test_bls_model_answers_as_run(bls_model, samples, run_answers):
+    model, fake = bls_model
+    bad = _request(fake, **_sample_inputs(samples[0], max_new_tokens=np.array([0], np.int32)))
+    reqs = [_request(fake, **_sample_inputs(s)) for s in samples]
+    responses = model.execute(reqs[:3] + [bad] + reqs[3:])
+    assert len(responses) == len(samples) + 1
+    assert responses[3].has_error() and responses[3].error().message() == "error: max_new_tokens: must be at least 1, got 0"
+    got = []
+    for r in responses[:3] + responses[4:]:
+        assert not r.has_error(), r.error().message()
+        out = {t.name(): t.as_numpy() for t in r.output_tensors()}
+        got.append((out["answer"][0].decode(), out["tokens"].tolist()))
+    assert got == run_answers
+    # every answer went through the repository's models: vision and prefill once, then a decode
+    # step after every token but a final EOS, each fed by one embed call (plus the prompt's)
+    eos = 2  # the shipped tokenizer's </s>
+    steps = sum(len(t) - (t[-1] == eos) for _, t in run_answers)
+    assert fake.calls["quota_vlm_vision"] == fake.calls["quota_vlm_prefill"] == len(samples)
+    assert fake.calls["quota_vlm_decode"] == steps and fake.calls["quota_vlm_embed"] == len(samples) + steps
+
+
+def test_bls_model_max_new_tokens(bls_model, samples, run_answers):
+    model, fake = bls_model
+    (r,) = model.execute([_request(fake, **_sample_inputs(samples[1], max_new_tokens=np.array([1], np.int32)))])
+    out = {t.name(): t.as_numpy() for t in r.output_tensors()}
+    assert out["tokens"].tolist() == run_answers[1][1][:1]
+
+
+# ---------------------------------------------------------------- PyTriton server (`serve`)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def server(built, tmp_path):
+    """`python -m quota_export serve` on 127.0.0.1 with 2 instances; yields (proc, http, grpc)."""
+    pytest.importorskip("pytriton.triton", reason="needs the serve extra (docs/serving.md): "
+                        "pip install -e '.[serve]' && pip install --no-deps nvidia-pytriton==0.7.0 tritonclient==2.73.0")
+    from quota_export.serve.client import connect
+
+    http, grpc, metrics = _free_ports(3)
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "quota_export", "serve", "--artifacts", str(built), "--instances", "2",
+                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    c = connect(f"127.0.0.1:{http}")
+    deadline = time.monotonic() + 600  # the first run creates the stub's venv (pip install numpy 1.26.4)
+    try:
+        while True:
+            try:
+                if c.is_server_ready() and c.is_model_ready("quota_vlm"):
+                    break
+            except Exception:  # not listening yet
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail("serve did not become ready:\n" + log.read()[-3000:])
+            time.sleep(1)
+        yield proc, http, grpc, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        log.close()
+
+
+def test_serve_answers_as_run_over_http_and_grpc(server, samples, run_answers):
+    from quota_export.serve.client import ServerError, ask, connect
+
+    proc, http, grpc, _ = server
+    results, errors = {}, []
+
+    def client(proto, url, idx):
+        c = connect(url, proto)
+        for i in idx:
+            try:
+                results[(proto, i)] = ask(c, Path(samples[i].image).read_bytes(), samples[i].question)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(f"{proto} {i}: {e}")
+
+    n = 6
+    threads = [threading.Thread(target=client, args=(p, f"127.0.0.1:{port}", range(k, n, 2)))
+               for p, port in (("http", http), ("grpc", grpc)) for k in (0, 1)]  # 4 clients x 3 requests
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert results == {(p, i): run_answers[i] for p in ("http", "grpc") for i in range(n)}
+
+    # a bad request gets `run`'s one-line error, and the server keeps serving
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="PNG")
+    for proto, port in (("http", http), ("grpc", grpc)):
+        c = connect(f"127.0.0.1:{port}", proto)
+        with pytest.raises(ServerError) as e:
+            ask(c, buf.getvalue(), samples[0].question)
+        assert e.value.line == "error: image is 64x64, these graphs take 96x96", str(e.value)
+        with pytest.raises(ServerError) as e:
+            ask(c, b"not an image", samples[0].question)
+        assert e.value.line.startswith("error: image: 12 bytes that are no image file"), str(e.value)
+        assert ask(c, Path(samples[2].image).read_bytes(), samples[2].question) == run_answers[2]
+    assert proc.poll() is None
+
+
+def test_serve_sigterm_finishes_in_flight_requests(server, samples, run_answers):
+    from quota_export.serve.client import ask, connect
+
+    proc, http, _, log = server
+    got, errors = [], []
+    n = 12  # 12 requests on 2 instances: some are still queued or running when SIGTERM comes
+
+    def one(i):
+        c = connect(f"127.0.0.1:{http}")
+        try:
+            ans = ask(c, Path(samples[i].image).read_bytes(), samples[i].question)
+            got.append((time.monotonic(), i, ans))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(str(e))
+        finally:
+            c.close()  # tritonserver's shutdown waits (up to --exit-timeout) for open HTTP connections
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # all sent
+    t_term = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # the serve process only, as docker stop / Kubernetes do
+    for t in threads:
+        t.join(120)
+    assert proc.wait(120) == 0
+    log.seek(0)
+    text = log.read()
+    assert "\nstopped\n" in text
+    assert not errors, errors  # every request sent before the SIGTERM was answered, correctly
+    assert sorted((i, a) for _, i, a in got) == [(i, run_answers[i]) for i in range(n)]
+    assert max(t for t, _, _ in got) > t_term, "no request was in flight at SIGTERM: the test proved nothing"
