@@ -12,10 +12,6 @@ runs it.
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -292,53 +288,27 @@ def test_bls_model_max_new_tokens(bls_model, samples, run_answers):
 # ---------------------------------------------------------------- PyTriton server (`serve`)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.fixture
-def server(built, tmp_path):
-    """`python -m quota_export serve` on 127.0.0.1 with 2 instances; yields (proc, http, grpc)."""
+@pytest.fixture(scope="module")
+def server(built, tmp_path_factory):
+    """`python -m quota_export serve` on 127.0.0.1 with 2 instances (a LocalServer). One server
+    for the module: the SIGTERM test, last, stops it."""
     pytest.importorskip("pytriton.triton", reason="needs the serve extra (docs/serving.md): "
                         "pip install -e '.[serve]' && pip install --no-deps nvidia-pytriton==0.7.0 tritonclient==2.73.0")
-    from quota_export.serve.client import connect
+    from quota_export.serve.local import LocalServer
 
-    http, grpc, metrics = _free_ports(3)
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "quota_export", "serve", "--artifacts", str(built), "--instances", "2",
-                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    c = connect(f"127.0.0.1:{http}")
-    deadline = time.monotonic() + 600  # the first run creates the stub's venv (pip install numpy 1.26.4)
+    srv = LocalServer(built, 2, tmp_path_factory.mktemp("serve") / "serve.log")
     try:
-        while True:
-            try:
-                if c.is_server_ready() and c.is_model_ready("quota_vlm"):
-                    break
-            except Exception:  # not listening yet
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail("serve did not become ready:\n" + log.read()[-3000:])
-            time.sleep(1)
-        yield proc, http, grpc, log
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-        log.close()
+        srv.start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield srv
+    srv.kill()
 
 
 def test_serve_answers_as_run_over_http_and_grpc(server, samples, run_answers):
     from quota_export.serve.client import ServerError, ask, connect
 
-    proc, http, grpc, _ = server
+    http, grpc = server.ports[:2]
     results, errors = {}, []
 
     def client(proto, url, idx):
@@ -374,21 +344,24 @@ def test_serve_answers_as_run_over_http_and_grpc(server, samples, run_answers):
             ask(c, b"not an image", samples[0].question)
         assert e.value.line.startswith("error: image: 12 bytes that are no image file"), str(e.value)
         assert ask(c, Path(samples[2].image).read_bytes(), samples[2].question) == run_answers[2]
-    assert proc.poll() is None
+    assert server.proc.poll() is None
 
 
 def test_serve_sigterm_finishes_in_flight_requests(server, samples, run_answers):
     from quota_export.serve.client import ask, connect
 
-    proc, http, _, log = server
+    http = server.ports[0]
     got, errors = [], []
-    n = 12  # 12 requests on 2 instances: some are still queued or running when SIGTERM comes
+    n = 12  # 12 requests on 2 instances: when the first answer is back, 10 are queued or running
+    sent, first = threading.Semaphore(0), threading.Event()
 
     def one(i):
         c = connect(f"127.0.0.1:{http}")
         try:
+            sent.release()
             ans = ask(c, Path(samples[i].image).read_bytes(), samples[i].question)
             got.append((time.monotonic(), i, ans))
+            first.set()
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(str(e))
         finally:
@@ -397,15 +370,16 @@ def test_serve_sigterm_finishes_in_flight_requests(server, samples, run_answers)
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
-    time.sleep(0.3)  # all sent
+    for _ in range(n):
+        assert sent.acquire(timeout=60)
+    assert first.wait(120), errors
+    time.sleep(0.05)  # the last request's bytes are on the wire
     t_term = time.monotonic()
-    proc.send_signal(signal.SIGTERM)  # the serve process only, as docker stop / Kubernetes do
+    rc = server.terminate()  # SIGTERM to the serve process only, as docker stop / Kubernetes send it
     for t in threads:
         t.join(120)
-    assert proc.wait(120) == 0
-    log.seek(0)
-    text = log.read()
-    assert "\nstopped\n" in text
+    assert rc == 0
+    assert "stopped serving" in server.log.read_text()  # one write; other processes' output may surround it
     assert not errors, errors  # every request sent before the SIGTERM was answered, correctly
     assert sorted((i, a) for _, i, a in got) == [(i, run_answers[i]) for i in range(n)]
     assert max(t for t, _, _ in got) > t_term, "no request was in flight at SIGTERM: the test proved nothing"

@@ -106,7 +106,7 @@ def serve(artifacts: Path, *, host: str = "127.0.0.1", http_port: int = 8000, gr
             "no dynamic batching, scale with --instances")
         log(f"ready: GET http://{host}:{http_port}/v2/health/ready; stop with SIGTERM or Ctrl-C")
         triton.serve()
-    log("stopped")
+    log(f"stopped serving {artifacts}")
     return 0
 
 

@@ -1,0 +1,248 @@
+"""Bounded load test of `python -m quota_export serve` (PyTriton, 127.0.0.1) -> benchmarks/serving.md.
+
+    flock /tmp/quota-heavy.lock python benchmarks/serving.py [--artifacts DIR] [--clients 4] [--requests 8]
+
+N concurrent clients x M requests (distinct samples of the shipped test split; half the clients
+over HTTP, half over gRPC, through tritonclient) for 1, 2 and 4 instances, each a fresh server.
+Every answer is compared with `run`'s for the same sample (OrtRunner.generate, computed here in
+process first); every request id must be answered exactly once (none lost, none duplicated).
+Throughput is requests / wall time of the loaded phase; latencies are per request, client side.
+
+Restart scenario (2 instances): the server's process group gets SIGKILL once a third of the
+requests are answered, a new server starts on the same ports; clients retry a request that failed
+(connection refused / reset, server unavailable: no `error:` line from the model) every 1 s for up
+to 3 min; a request the model refused is not retried.
+
+Bounded: at most clients x requests requests per phase, a 600 s deadline per phase, localhost only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
+PHASE_DEADLINE_S = 600
+RETRY_WINDOW_S, RETRY_PAUSE_S = 180, 1.0  # a failed request is retried for up to 3 min
+
+
+def load(ports, samples, clients: int, requests: int, on_answer=None) -> dict:
+    """clients threads x requests each; -> per-id answers, latencies, retries, wall time."""
+    from quota_export.serve.client import ServerError, ask, connect
+
+    answers: dict[int, list] = {i: [] for i in range(clients * requests)}
+    lat, retried, failures = [], [], []
+    lock = threading.Lock()
+    deadline = time.monotonic() + PHASE_DEADLINE_S
+
+    def client(c: int):
+        proto = "http" if c % 2 == 0 else "grpc"
+        url = f"127.0.0.1:{ports[0] if proto == 'http' else ports[1]}"
+        conn = connect(url, proto)
+        for k in range(requests):
+            rid = c * requests + k
+            s = samples[rid]
+            data = Path(s.image).read_bytes()
+            give_up = time.monotonic() + RETRY_WINDOW_S
+            while True:
+                if time.monotonic() > min(deadline, give_up):
+                    failures.append(f"{rid}: no answer (retried for {RETRY_WINDOW_S} s)")
+                    break
+                if time.monotonic() > deadline:
+                    failures.append(f"{rid}: deadline")
+                    return
+                t0 = time.monotonic()
+                try:
+                    ans = ask(conn, data, s.question, timeout=120)
+                except ServerError as e:
+                    if e.line is not None:  # the model refused the request: a real error, not retried
+                        failures.append(f"{rid}: {e.line}")
+                        break
+                    err = e  # no model line: the server is down or not ready (gRPC UNAVAILABLE, ...)
+                except Exception as e:  # noqa: BLE001 - HTTP: connection refused / reset
+                    err = e
+                else:
+                    err = None
+                if err is not None:
+                    retried.append((rid, t0))
+                    time.sleep(RETRY_PAUSE_S)
+                    try:
+                        conn = connect(url, proto)
+                    except Exception:  # noqa: BLE001 - the next attempt reports
+                        pass
+                    continue
+                with lock:
+                    answers[rid].append(ans)
+                    lat.append(time.monotonic() - t0)
+                    n_done = sum(1 for v in answers.values() if v)
+                if on_answer:
+                    on_answer(n_done)
+                break
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(PHASE_DEADLINE_S + 60)
+    return {"answers": answers, "lat": lat, "retried": retried, "failures": failures, "wall": time.monotonic() - t0}
+
+
+def verdict(res: dict, reference: list) -> dict:
+    ans = res["answers"]
+    lost = sum(1 for v in ans.values() if not v)
+    dup = sum(1 for v in ans.values() if len(v) > 1)
+    wrong = sum(1 for i, v in ans.items() if v and any(a != reference[i] for a in v))
+    lat = sorted(res["lat"])
+    q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
+    return {"n": len(ans), "answered": len(ans) - lost, "lost": lost, "dup": dup, "wrong": wrong,
+            "retried": len({r for r, _ in res["retried"]}), "rps": (len(ans) - lost) / res["wall"], "p50": q[49] * 1e3,
+            "p99": q[98] * 1e3, "wall": res["wall"], "failures": res["failures"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifacts", type=Path, help="a build (default: build recipes/default.yaml into a temp dir)")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=8, help="per client")
+    ap.add_argument("--instances", default="1,2,4")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "serving.md"), help="markdown output ('-': stdout)")
+    a = ap.parse_args()
+    if not 1 <= a.clients * a.requests <= 400:
+        raise SystemExit("--clients x --requests: keep it between 1 and 400 (a bounded load)")
+    from quota_export.data import load_bench, load_image
+    from quota_export.runtime.ort import OrtRunner
+    from quota_export.serve.local import LocalServer
+
+    started = time.monotonic()
+    tmp = tempfile.TemporaryDirectory(prefix="serving-bench-")
+    artifacts = a.artifacts
+    if artifacts is None:
+        artifacts = Path(tmp.name) / "default"
+        subprocess.run([sys.executable, "-m", "quota_export", "build", "--recipe", str(ROOT / "recipes" / "default.yaml"),
+                        "--out", str(artifacts), "--samples", "2"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    n = a.clients * a.requests
+    samples = load_bench(TEST_SPLIT, limit=n)
+    runner = OrtRunner(artifacts)
+    reference = []
+    for s in samples:
+        r = runner.generate(load_image(s), s.question)
+        reference.append((r.text, r.tokens))
+    del runner
+    print(f"reference answers of `run` for {n} samples: {len({t for t, _ in reference})} distinct", flush=True)
+    log = Path(tmp.name) / "serve.log"
+    rows = []
+    for inst in [int(x) for x in a.instances.split(",")]:
+        srv = LocalServer(artifacts, inst, log)
+        ready = srv.start(PHASE_DEADLINE_S)
+        load(srv.ports, samples, inst, 1)  # warm-up: one request per instance, not counted
+        v = verdict(load(srv.ports, samples, a.clients, a.requests), reference)
+        rc = srv.terminate()
+        v.update(instances=inst, ready=ready, rc=rc)
+        rows.append(v)
+        print(f"{inst} instance(s): {v['rps']:.2f} req/s, p50 {v['p50']:.0f} ms, p99 {v['p99']:.0f} ms, "
+              f"lost {v['lost']}, wrong {v['wrong']}, dup {v['dup']}, exit {rc}", flush=True)
+
+    # restart scenario
+    srv = LocalServer(artifacts, 2, log)
+    ports = srv.ports
+    srv.start(PHASE_DEADLINE_S)
+    killed = {}
+
+    def on_answer(done):
+        if done >= n // 3 and not killed:
+            killed["at"] = done
+            killed["t"] = time.monotonic()
+            srv.kill()
+
+            def restart():
+                killed["down"] = srv.start(PHASE_DEADLINE_S)
+            threading.Thread(target=restart).start()
+
+    res = load(ports, samples, a.clients, a.requests, on_answer)
+    kv = verdict(res, reference)
+    first_fail = {}
+    for rid, t in res["retried"]:
+        first_fail[rid] = min(t, first_fail.get(rid, t))
+    in_flight = sum(1 for t in first_fail.values() if t < killed.get("t", 0))
+    rc = srv.terminate()
+    print(f"kill + restart: killed after {killed.get('at')} answers, retried {kv['retried']} ({in_flight} in flight at the kill), lost {kv['lost']}, "
+          f"wrong {kv['wrong']}, dup {kv['dup']}, failures {kv['failures']}", flush=True)
+    total = time.monotonic() - started
+
+    import numpy
+    import onnxruntime
+
+    try:
+        import importlib.metadata as md
+        pyt = md.version("nvidia-pytriton")
+        tc = md.version("tritonclient")
+    except Exception:  # noqa: BLE001
+        pyt = tc = "?"
+    base = rows[0]["rps"]
+    lines = [
+        "# Serving: bounded load test of `serve` (PyTriton, 127.0.0.1)", "",
+        f"Command: `flock /tmp/quota-heavy.lock python benchmarks/serving.py --clients {a.clients} --requests {a.requests}` "
+        f"(script: benchmarks/serving.py). Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
+        f"Run time {total / 60:.1f} min.", "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, Python "
+        f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}, "
+        f"nvidia-pytriton {pyt} (Triton 2.51 server, CPU only), tritonclient {tc}. Load average "
+        f"{os.getloadavg()[0]:.2f} at the end: the machine is shared, read the ratios, not the absolute times.", "",
+        f"Model: the shipped shapes-llava built with recipes/default.yaml (W4A4KV4, QUOTA budget 0.3 with merging). "
+        f"Load: {a.clients} concurrent clients x {a.requests} requests = {n} distinct samples of the test split "
+        f"(clients 0, 2, ... over HTTP, 1, 3, ... over gRPC, tritonclient), one request at a time per client; one "
+        f"warm-up request per instance before each measurement. Every answer is compared with `run`'s "
+        f"(OrtRunner.generate) on the same sample: text and token ids.", "",
+        "The graphs take batch 1, so Triton's dynamic batcher is off; instances are separate ONNX Runtime sessions "
+        "with the 2 cores shared out (intra-op threads = cores // instances, at least 1).", "",
+        "| instances | requests | answered | lost | wrong | duplicated | req/s | vs 1 instance | p50 ms | p99 ms | server ready s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in rows:
+        lines.append(f"| {v['instances']} | {v['n']} | {v['answered']} | {v['lost']} | {v['wrong']} | {v['dup']} | "
+                     f"{v['rps']:.2f} | {v['rps'] / base:.2f} | {v['p50']:.0f} | {v['p99']:.0f} | {v['ready']:.1f} |")
+    lines += ["", "## Server killed mid-run and restarted", "",
+              f"2 instances, the same {n} requests. After {killed.get('at')} answers the server's process group got "
+              f"SIGKILL (tritonserver, the stubs and the Python process with the sessions); a new server started on "
+              f"the same ports (ready after {killed.get('down', float('nan')):.1f} s). A client whose request failed "
+              f"(connection refused or reset, server unavailable) retried it every {RETRY_PAUSE_S:.0f} s for up to {RETRY_WINDOW_S} s.", "",
+              "| requests | answered | lost | wrong | duplicated | retried | of which in flight at the kill | sent while down |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|",
+              f"| {kv['n']} | {kv['answered']} | {kv['lost']} | {kv['wrong']} | {kv['dup']} | {kv['retried']} | "
+              f"{in_flight} | {kv['retried'] - in_flight} |", "",
+              "Only requests in flight at the kill (or sent before the new server was ready) failed; each was retried "
+              "and answered once, correctly. A killed server leaves PyTriton's workspace (~/.cache/pytriton/workspace_*) "
+              "and its shared-memory blocks (/dev/shm/psm_*) behind; a graceful stop (SIGTERM) removes them.", ""]
+    bad = [v for v in rows + [kv] if v["lost"] or v["wrong"] or v["dup"] or v["failures"]]
+    lines.append("Result: " + ("0 lost, 0 wrong, 0 duplicated answers in every phase."
+                               if not bad else f"FAILURES: {[v['failures'] for v in bad]}"))
+    lines.append("")
+    text = "\n".join(lines)
+    if a.out == "-":
+        print(text)
+    else:
+        Path(a.out).write_text(text)
+        print(f"wrote {a.out}")
+    tmp.cleanup()
+    return 1 if bad or any(v["rc"] for v in rows) or rc else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
