@@ -229,7 +229,8 @@ def main() -> int:
               f"{in_flight} | {kv['retried'] - in_flight} |", "",
               "Only requests in flight at the kill (or sent before the new server was ready) failed; each was retried "
               "and answered once, correctly. A killed server leaves PyTriton's workspace (~/.cache/pytriton/workspace_*) "
-              "and its shared-memory blocks (/dev/shm/psm_*) behind; a graceful stop (SIGTERM) removes them.", ""]
+              "and its shared-memory blocks (/dev/shm/pytrtion<pid>-*) behind; a graceful stop (SIGTERM) removes them, "
+              "and the script removes what its killed server left (quota_export/serve/local.py).", ""]
     bad = [v for v in rows + [kv] if v["lost"] or v["wrong"] or v["dup"] or v["failures"]]
     lines.append("Result: " + ("0 lost, 0 wrong, 0 duplicated answers in every phase."
                                if not bad else f"FAILURES: {[v['failures'] for v in bad]}"))

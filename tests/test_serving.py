@@ -302,7 +302,7 @@ def server(built, tmp_path_factory):
     except RuntimeError as e:
         pytest.fail(str(e))
     yield srv
-    srv.kill()
+    srv.stop()
 
 
 def test_serve_answers_as_run_over_http_and_grpc(server, samples, run_answers):

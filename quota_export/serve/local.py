@@ -1,10 +1,16 @@
 """A `serve` subprocess on 127.0.0.1 for the tests and the load benchmark: free ports, start,
 wait until ready (bounded), SIGTERM, or SIGKILL of its whole process group (tritonserver and the
-stubs included, as a crashed machine would lose them)."""
+stubs included, as a crashed machine would lose them).
+
+PyTriton keeps a workspace (a copy of tritonserver, the model store) under $PYTRITON_HOME and
+4 MB shared-memory blocks /dev/shm/pytrtion<pid>-*; a graceful stop removes both, a SIGKILL
+cannot. Each LocalServer gets its own PYTRITON_HOME, and `kill` removes it and the blocks named
+after the killed process."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +39,7 @@ class LocalServer:
                      str(instances), "--http-port", str(self.ports[0]), "--grpc-port", str(self.ports[1]),
                      "--metrics-port", str(self.ports[2])]
         self.log = Path(log)
+        self.home = self.log.parent / f"pytriton-home-{self.ports[0]}"
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -51,8 +58,10 @@ class LocalServer:
         from quota_export.serve.protocol import MODEL_NAME
 
         t0 = time.monotonic()
+        env = {**os.environ, "PYTRITON_HOME": str(self.home)}
         with open(self.log, "a") as f:
-            self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=env)
         c = connect(self.http)
         try:
             while time.monotonic() - t0 < timeout and self.proc.poll() is None:
@@ -77,3 +86,14 @@ class LocalServer:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(60)
+            shutil.rmtree(self.home, ignore_errors=True)
+            for p in Path("/dev/shm").glob(f"pytrtion{self.proc.pid}-*"):
+                p.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """Graceful stop if it still runs (SIGTERM), SIGKILL if that does not end it in 120 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.terminate()
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -92,20 +92,23 @@ def serve(artifacts: Path, *, host: str = "127.0.0.1", http_port: int = 8000, gr
     # SIGTERM (docker stop, Kubernetes) as SIGINT: PyTriton then stops tritonserver, which refuses
     # new requests and waits for the in-flight ones before the models are unloaded
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with Triton(config=cfg) as triton:
-        triton.bind(
-            model_name=MODEL_NAME,
-            infer_func=answerers,  # one instance each
-            inputs=[Tensor(name=n, dtype=d, shape=s, optional=o) for n, d, _, s, o in INPUTS],
-            outputs=[Tensor(name=n, dtype=d, shape=s) for n, d, _, s, _ in OUTPUTS],
-            config=ModelConfig(batching=False),
-            strict=True,
-        )
-        log(f"serving {artifacts} as model {MODEL_NAME!r}: HTTP {host}:{http_port}, gRPC {host}:{grpc_port}, "
-            f"metrics {host}:{metrics_port}; {instances} instance(s), {threads} thread(s) each; batch-1 graphs: "
-            "no dynamic batching, scale with --instances")
-        log(f"ready: GET http://{host}:{http_port}/v2/health/ready; stop with SIGTERM or Ctrl-C")
-        triton.serve()
+    try:
+        with Triton(config=cfg) as triton:
+            triton.bind(
+                model_name=MODEL_NAME,
+                infer_func=answerers,  # one instance each
+                inputs=[Tensor(name=n, dtype=d, shape=s, optional=o) for n, d, _, s, o in INPUTS],
+                outputs=[Tensor(name=n, dtype=d, shape=s) for n, d, _, s, _ in OUTPUTS],
+                config=ModelConfig(batching=False),
+                strict=True,
+            )
+            log(f"serving {artifacts} as model {MODEL_NAME!r}: HTTP {host}:{http_port}, gRPC {host}:{grpc_port}, "
+                f"metrics {host}:{metrics_port}; {instances} instance(s), {threads} thread(s) each; batch-1 graphs: "
+                "no dynamic batching, scale with --instances")
+            log(f"ready: GET http://{host}:{http_port}/v2/health/ready; stop with SIGTERM or Ctrl-C")
+            triton.serve()
+    except KeyboardInterrupt:  # SIGTERM / Ctrl-C before the serving loop: the `with` has stopped tritonserver
+        pass
     log(f"stopped serving {artifacts}")
     return 0
 
