@@ -288,6 +288,36 @@ def test_bls_model_max_new_tokens(bls_model, samples, run_answers):
 # ---------------------------------------------------------------- PyTriton server (`serve`)
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["--instances", "0"], ["--instances", "at least 1"]),
+    (["--http-port", "70000"], ["--http-port", "70000"]),
+    (["--grpc-port", "8000", "--http-port", "8000"], ["must differ"]),
+])
+def test_serve_bad_arguments(built, capsys, argv, needles):
+    assert main(["serve", "--artifacts", str(built), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and all(n in err[0] for n in needles), err
+
+
+def test_serve_port_in_use_and_missing_artifacts(built, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--artifacts", str(built), "--http-port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --http-port: cannot listen on 127.0.0.1:{port}"), err
+    from quota_export.serve.local import free_ports
+
+    http, grpc, metrics = free_ports(3)
+    assert main(["serve", "--artifacts", str(tmp_path / "nope"), "--http-port", str(http), "--grpc-port", str(grpc),
+                 "--metrics-port", str(metrics)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'nope'}: artifacts folder not found"]
+
+
 @pytest.fixture(scope="module")
 def server(built, tmp_path_factory):
     """`python -m quota_export serve` on 127.0.0.1 with 2 instances (a LocalServer). One server
@@ -344,6 +374,8 @@ def test_serve_answers_as_run_over_http_and_grpc(server, samples, run_answers):
             ask(c, b"not an image", samples[0].question)
         assert e.value.line.startswith("error: image: 12 bytes that are no image file"), str(e.value)
         assert ask(c, Path(samples[2].image).read_bytes(), samples[2].question) == run_answers[2]
+        assert ask(c, Path(samples[2].image).read_bytes(), samples[2].question, max_new_tokens=1)[1] == \
+            run_answers[2][1][:1]
     assert server.proc.poll() is None
 
 

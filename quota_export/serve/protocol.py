@@ -75,7 +75,9 @@ def _one(inputs: dict, name: str):
 def parse_request(inputs: dict, max_seq: int) -> tuple[np.ndarray, str, int | None]:
     """{input name: array} -> (image HxWx3, prompt, max_new_tokens or None), checked."""
     raw = _one(inputs, "image")
-    image = image_from_bytes(bytes(raw) if isinstance(raw, (bytes, bytearray, np.bytes_)) else b"")
+    if not isinstance(raw, (bytes, bytearray, np.bytes_)):
+        raise UserError(f"image: expected BYTES (the image file's content), got {type(raw).__name__}")
+    image = image_from_bytes(bytes(raw))
     p = _one(inputs, "prompt")
     try:
         prompt = p.decode("utf-8") if isinstance(p, (bytes, np.bytes_)) else str(p)

@@ -54,6 +54,17 @@ class Answerer:
         return out
 
 
+def _check_free(flag: str, host: str, port: int) -> None:
+    """A one-line error now rather than a tritonserver start-up failure later."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"{flag}: cannot listen on {host}:{port} ({e.strerror})") from None
+
+
 def instance_threads(instances: int) -> int:
     """ORT intra-op threads per instance: $OMP_NUM_THREADS if set, else the cores shared out."""
     from quota_export.runtime.ort import _env_threads
@@ -67,16 +78,19 @@ def serve(artifacts: Path, *, host: str = "127.0.0.1", http_port: int = 8000, gr
     """Run until SIGTERM / SIGINT; in-flight requests finish (up to exit_timeout s), then exit 0."""
     from quota_export.serve import stub_env
 
-    stub_env.require_pytriton()
     if instances < 1:
         raise UserError(f"--instances: must be at least 1, got {instances}")
-    for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
+    ports = (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port))
+    for name, port in ports:
         if not 0 < port < 65536:
             raise UserError(f"{name}: {port} is not a TCP port")
     if len({http_port, grpc_port, metrics_port}) < 3:
         raise UserError(f"--http-port, --grpc-port, --metrics-port: must differ, got {http_port}, {grpc_port}, {metrics_port}")
+    for name, port in ports:
+        _check_free(name, host, port)
     threads = instance_threads(instances)
     answerers = [Answerer(artifacts, threads) for _ in range(instances)]  # bad artifacts fail here, before any server
+    stub_env.require_pytriton()
     env = stub_env.stub_env(stub_env_dir, log)
     stub_env.apply(env)
 
