@@ -228,8 +228,8 @@ class FakeBackend:
         return self.InferenceResponse([self.Tensor(n, res[n]) for n in req.outputs])
 
 
-@pytest.fixture
-def bls_model(repo, monkeypatch):
+def load_bls(repo: Path, monkeypatch):
+    """The repository's entry model.py, imported against FakeBackend, initialized as Triton would."""
     pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient (the serve extra)")
     from quota_export.serve.protocol import MODEL_NAME
 
@@ -242,6 +242,11 @@ def bls_model(repo, monkeypatch):
     model.initialize({"model_repository": str(repo / MODEL_NAME), "model_version": "1", "model_name": MODEL_NAME,
                       "model_config": (repo / MODEL_NAME / "config.pbtxt").read_text()})
     return model, fake
+
+
+@pytest.fixture
+def bls_model(repo, monkeypatch):
+    return load_bls(repo, monkeypatch)
 
 
 def _request(fake, **inputs):
@@ -283,6 +288,34 @@ def test_bls_model_max_new_tokens(bls_model, samples, run_answers):
     (r,) = model.execute([_request(fake, **_sample_inputs(samples[1], max_new_tokens=np.array([1], np.int32)))])
     out = {t.name(): t.as_numpy() for t in r.output_tensors()}
     assert out["tokens"].tolist() == run_answers[1][1][:1]
+
+
+def test_export_tensorrt_target_build(tmp_path, monkeypatch, samples):
+    """A `--target tensorrt` build (here without engines: no TensorRT, no GPU): prefill's
+    quota::TokenGather plugin nodes cannot run on the ONNX Runtime backend, so the repository gets
+    the gathers inlined in standard ops (as OrtRunner runs them), and answers stay `run`'s."""
+    import onnx
+
+    from quota_export.data import load_image
+    from quota_export.runtime.ort import OrtRunner
+
+    out = tmp_path / "trt"
+    assert main(["build", "--recipe", str(ROOT / "recipes" / "default.yaml"), "--out", str(out), "--target",
+                 "tensorrt", "--bench", str(TEST_SPLIT), "--samples", "1"]) == 3  # graphs written, no engines
+    assert {n.domain for n in onnx.load(str(out / "prefill.onnx")).graph.node} >= {"quota"}
+    assert main(["export-triton", "--artifacts", str(out), "--out", str(tmp_path / "repo")]) == 0
+    for g in ("vision", "embed", "prefill", "decode"):
+        d = tmp_path / "repo" / f"quota_vlm_{g}"
+        assert _parse(d / "config.pbtxt").backend == "onnxruntime" and not (d / "1" / "model.plan").exists()
+        assert {n.domain for n in onnx.load(str(d / "1" / "model.onnx")).graph.node} <= {"", "ai.onnx"}
+    model, fake = load_bls(tmp_path / "repo", monkeypatch)
+    runner = OrtRunner(out)
+    picked = samples[:4]
+    responses = model.execute([_request(fake, **_sample_inputs(s)) for s in picked])
+    for r, s in zip(responses, picked):
+        res = runner.generate(load_image(s), s.question)
+        out_t = {t.name(): t.as_numpy() for t in r.output_tensors()}
+        assert (out_t["answer"][0].decode(), out_t["tokens"].tolist()) == (res.text, res.tokens)
 
 
 # ---------------------------------------------------------------- PyTriton server (`serve`)
