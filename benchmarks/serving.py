@@ -230,7 +230,8 @@ def main() -> int:
               "Only requests in flight at the kill (or sent before the new server was ready) failed; each was retried "
               "and answered once, correctly. A killed server leaves PyTriton's workspace (~/.cache/pytriton/workspace_*) "
               "and its shared-memory blocks (/dev/shm/pytrtion<pid>-*) behind; a graceful stop (SIGTERM) removes them, "
-              "and the script removes what its killed server left (quota_export/serve/local.py).", ""]
+              "and the script removes what its killed server left (quota_export/serve/local.py) but for a 4 KB "
+              "/dev/shm/psm_* block of Python's multiprocessing, which it cannot tell from other processes' blocks.", ""]
     bad = [v for v in rows + [kv] if v["lost"] or v["wrong"] or v["dup"] or v["failures"]]
     lines.append("Result: " + ("0 lost, 0 wrong, 0 duplicated answers in every phase."
                                if not bad else f"FAILURES: {[v['failures'] for v in bad]}"))

@@ -59,6 +59,8 @@ def _check_free(flag: str, host: str, port: int) -> None:
     import socket
 
     with socket.socket() as s:
+        # as tritonserver binds (SO_REUSEADDR): a port left in TIME_WAIT by a previous server is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
