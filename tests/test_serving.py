@@ -412,6 +412,17 @@ def test_serve_answers_as_run_over_http_and_grpc(server, samples, run_answers):
     assert server.proc.poll() is None
 
 
+def test_serve_killed_and_restarted_loses_nothing(server, samples, run_answers):
+    """The load benchmark's restart phase, small: 2 clients x 3 requests, SIGKILL of the server's
+    process group after 2 answers, a new server on the same ports; the failed requests are retried."""
+    from quota_export.serve.local import kill_and_restart
+
+    v, killed, _ = kill_and_restart(server, samples[:6], 2, 3, run_answers[:6], after=2)
+    assert killed["at"] >= 2 and killed["down"] > 0
+    assert (v["answered"], v["lost"], v["wrong"], v["dup"], v["failures"]) == (6, 0, 0, 0, [])
+    assert v["retried"] >= 1  # at least the next request of the client whose answer triggered the kill
+
+
 def test_serve_sigterm_finishes_in_flight_requests(server, samples, run_answers):
     from quota_export.serve.client import ask, connect
 
