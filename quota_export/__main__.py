@@ -231,7 +231,8 @@ def _load_optional():
     """Subcommands living in their own modules register themselves on import."""
     import importlib
 
-    for mod in ("quota_export.cli_calibrate", "quota_export.cli_eval", "quota_export.cli_report"):
+    for mod in ("quota_export.cli_calibrate", "quota_export.cli_eval", "quota_export.cli_report",
+                "quota_export.cli_serve"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

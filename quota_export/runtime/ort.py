@@ -294,6 +294,11 @@ class OrtRunner:
                 self.sessions[g] = self._session(g, src, so)
             except errors as e:
                 raise UserError(f"{p}: corrupt or unreadable graph ({one_line(e)})") from None
+        self._load_model_info()
+
+    def _load_model_info(self) -> None:
+        """The processor and the manifest's model fields `generate` needs (not the sessions: a
+        subclass that runs the graphs elsewhere, e.g. the Triton BLS model, sets only these)."""
         from quota_export.models.loading import load_processor
 
         proc = self.dir / "processor"
@@ -323,6 +328,7 @@ class OrtRunner:
         return ort.InferenceSession(src, so, providers=self.providers)
 
     def _run(self, g: str, feeds: dict) -> dict:
+        """Graph g on feeds -> {output name: array}; the one step `generate` calls for every graph."""
         s = self.sessions[g]
         try:
             return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
