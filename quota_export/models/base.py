@@ -100,8 +100,24 @@ class Adapter:
         except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
             raise UserError(f"{path}: cannot load processor / tokenizer ({one_line(e)})") from None
         ad = cls(model, processor, path)
+        ad.vision_to_fp32()
         ad.check()
         return ad
+
+    def vision_to_fp32(self) -> None:
+        """Upcast the vision side (everything of model.model but the decoder: vision tower,
+        projector, e.g. LLaVA-NeXT's image_newline) to float32 in place; the decoder, its embeddings
+        and lm_head keep the checkpoint's dtype (bf16 / fp16 stay half the memory). The reference
+        reads decoder weights with .float() and the vision graph is traced from these modules, so a
+        half-precision checkpoint builds and runs exactly like its fp32 upcast (the vision graph
+        takes float32 pixels on ONNX Runtime CPU). A no-op on a float32 checkpoint."""
+        inner = self.model.model
+        for child in inner.children():
+            if child is not self.lm:
+                child.float()
+        for p in inner.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
 
     def check(self) -> None:
         """What this adapter does not lower, as one UserError line each (default: nothing)."""
