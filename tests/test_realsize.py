@@ -90,3 +90,93 @@ def test_half_precision_checkpoint_builds_like_its_fp32_upcast(half_models, dtyp
         assert main(["run", "--artifacts", str(out), "--image", s.image, "--prompt", s.question]) == 0
         answers.append(capsys.readouterr().out)
     assert answers[0] and answers[0] == answers[1]
+
+
+# ---------------------------------------------------------------- images of any size
+
+
+def resized_bench(tmp: Path, n: int, hw: tuple[int, int]) -> Path:
+    """The first n samples of the test split with their images resized to hw = (H, W)."""
+    from PIL import Image
+
+    lines = TEST_SPLIT.read_text().splitlines()[:n]
+    out = []
+    (tmp / "img").mkdir(parents=True, exist_ok=True)
+    for i, ln in enumerate(lines):
+        d = json.loads(ln)
+        p = tmp / "img" / f"{i}.png"
+        Image.open(TEST_SPLIT.parent / d["image"]).convert("RGB").resize((hw[1], hw[0])).save(p)
+        out.append(json.dumps({**d, "image": str(p)}))
+    (tmp / "bench.jsonl").write_text("\n".join(out) + "\n")
+    return tmp / "bench.jsonl"
+
+
+@pytest.fixture(scope="module")
+def any_size(tmp_path_factory):
+    """(model, recipe, 64x80 bench, build of the recipe with that bench's images through the CLI)."""
+    root = tmp_path_factory.mktemp("anysize")
+    model = make_tiny_llava(root / "model")
+    bench = resized_bench(root / "b", 6, (64, 80))
+    recipe = write_recipe(root / "r.yaml", model)
+    out = root / "g"
+    assert main(["build", "--recipe", str(recipe), "--out", str(out), "--bench", str(bench), "--samples", "4"]) == 0
+    return model, recipe, bench, out
+
+
+def test_build_with_bench_images_of_another_size(any_size):
+    _, _, _, out = any_size
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["model"]["image_size"] == [96, 96]
+    assert man["parity"]["data"] == "bench.jsonl" and man["parity"]["samples"] == 4  # taken as they are
+    assert_parity(man)
+
+
+def test_run_answers_an_image_of_another_size_like_the_reference(any_size, capsys):
+    """A 64x80 image: the processor resizes it (the shipped processor has do_resize false: by its
+    own resize to 96x96, bicubic), in the reference and in the ONNX runner alike."""
+    from PIL import Image
+
+    from quota_export.build import load_deployed
+    from quota_export.data import load_bench, load_image
+
+    _, recipe, bench, out = any_size
+    answers, want = [], []
+    _, dep = load_deployed(load_recipe(recipe))
+    for s in load_bench(bench, limit=3):
+        img = load_image(s)
+        assert img.shape == (64, 80, 3)
+        assert main(["run", "--artifacts", str(out), "--image", s.image, "--prompt", s.question]) == 0
+        answers.append(capsys.readouterr().out)
+        pr = dep.adapter.prompt(img, s.question)
+        ip = dep.adapter.processor.image_processor
+        by_hand = ip(images=Image.fromarray(img), do_resize=True, size={"height": 96, "width": 96}, return_tensors="pt")
+        assert torch.equal(pr.pixel_values, by_hand["pixel_values"])
+        toks, _ = dep.generate(pr, 4)
+        want.append(dep.adapter.processor.tokenizer.decode(toks, skip_special_tokens=True).strip() + "\n")
+    assert answers == want and any(a.strip() for a in answers)
+
+
+def test_verify_eval_calibrate_take_images_of_another_size(any_size, tmp_path, capsys):
+    model, recipe, bench, out = any_size
+    assert main(["verify", "--artifacts", str(out), "--bench", str(bench), "--samples", "3",
+                 "--json", str(tmp_path / "v.json")]) == 0  # fmt: skip
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["answer_agreement"] == 1.0 and v["samples"] == 3
+    assert main(["eval", "--recipe", str(recipe), "--bench", str(bench), "--samples", "3",
+                 "--json", str(tmp_path / "e.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "e.json").read_text())["overall"] is not None
+    assert main(["calibrate", "--model", str(model), "--data", str(bench), "--budget", "0.5", "--samples", "2",
+                 "-o", str(tmp_path / "c.yaml")]) == 0  # fmt: skip
+    assert load_recipe(tmp_path / "c.yaml").pruning.stages
+
+
+def test_dynamic_resolution_families_name_their_declared_sizes(tiny_qwen2_vl):
+    import numpy as np
+
+    from quota_export import UserError, models
+
+    a = models.load(tiny_qwen2_vl)
+    assert not a.resizes_images
+    with pytest.raises(UserError, match=r"image is 80x64, the model takes 96x96 \(one graph set per declared "
+                                         r"image size: list the sizes to serve in export.image_sizes\)"):
+        a.prompt(np.zeros((64, 80, 3), np.uint8), "x")

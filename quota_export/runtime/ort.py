@@ -222,6 +222,10 @@ class OrtRunner:
         self.eos = m["eos_token_id"]
         self.image_token_id = m["image_token_id"]
         self.mrope = m.get("mrope")  # absent: 1-D positions
+        from quota_export.models import REGISTRY
+
+        family = REGISTRY.get(m.get("architecture", ""))  # its processor resizes any image (encode_chat)?
+        self.resizes_images = bool(family and family.resizes_images)
 
     def _session(self, g: str, src, so):
         """One graph's session (`src`: a path, or the serialized graph with gathers inlined)."""
@@ -234,10 +238,12 @@ class OrtRunner:
         return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
 
     def encode(self, image: np.ndarray, question: str):
-        """-> (input_ids [1,T], pixel_values [1,3,H,W]) via the shipped processor, checked."""
+        """-> (input_ids [1,T], pixel_values [1,3,H,W]) via the shipped processor, checked (an image of
+        another size is resized as the reference resizes it, for fixed-resolution families)."""
         from quota_export.models.base import encode_chat
 
-        enc = encode_chat(self.processor, image, question, tuple(self.image_size), "these graphs take", "np")
+        enc = encode_chat(self.processor, image, question, tuple(self.image_size), "these graphs take", "np",
+                          resize=self.resizes_images)
         ids = enc["input_ids"].astype(np.int64)
         pos = np.flatnonzero(ids[0] == self.image_token_id)
         if len(pos) != self.n_visual or pos[0] != self.visual_start or pos[-1] - pos[0] != self.n_visual - 1:
