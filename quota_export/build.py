@@ -251,15 +251,9 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _write_graph(m, path: Path) -> dict:
-    import onnx
+    from quota_export.lower import external
 
-    data = m.SerializeToString(deterministic=True)
-    if len(data) > 2_000_000_000:
-        onnx.save_model(m, path, save_as_external_data=True, location=path.name + ".data")
-        data = path.read_bytes()
-    else:
-        path.write_bytes(data)
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return external.write_graph(m, path)  # over the threshold: <graph>.data beside it
 
 
 def _quant_summary(cfg) -> str:

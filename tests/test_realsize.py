@@ -180,3 +180,71 @@ def test_dynamic_resolution_families_name_their_declared_sizes(tiny_qwen2_vl):
     with pytest.raises(UserError, match=r"image is 80x64, the model takes 96x96 \(one graph set per declared "
                                          r"image size: list the sizes to serve in export.image_sizes\)"):
         a.prompt(np.zeros((64, 80, 3), np.uint8), "x")
+
+
+# ---------------------------------------------------------------- graphs over 2 GiB: external data
+
+
+def test_exported_graph_with_external_data_reads_like_one_without(tmp_path):
+    """vision_graph's reader: an export that came with external data (a tower over 2 GiB) gives the
+    same graph, converted to the target opset, as the same export in one file."""
+    import onnx
+    from onnx import version_converter
+
+    from quota_export.lower.decoder import embed_graph
+    from quota_export.lower.onnx_target import read_exported
+
+    m = embed_graph(torch.randn(50, 16).numpy(), 20)
+    want = version_converter.convert_version(m, 21).SerializeToString(deterministic=True)
+    onnx.save_model(m, str(tmp_path / "g.onnx"), save_as_external_data=True, location="g.data", size_threshold=0)
+    assert (tmp_path / "g.data").stat().st_size == 50 * 16 * 4
+    assert read_exported(tmp_path / "g.onnx", 21).SerializeToString(deterministic=True) == want
+
+
+@pytest.fixture(scope="module")
+def external_build(tmp_path_factory):
+    """The tiny LLaVA built twice with the external-data threshold lowered to 4 KB."""
+    from quota_export.lower import external
+
+    root = tmp_path_factory.mktemp("external")
+    recipe = write_recipe(root / "r.yaml", make_tiny_llava(root / "model"))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(external, "EXTERNAL_DATA_BYTES", 4096)
+    try:
+        res = [build(load_recipe(recipe), root / f"g{i}", str(TEST_SPLIT), SAMPLES, threads=1) for i in range(2)]
+    finally:
+        mp.undo()
+    return recipe, res
+
+
+def test_large_graphs_are_written_with_external_data(external_build):
+    import onnx
+
+    _, (res, again) = external_build
+    assert_parity(res.manifest)  # ONNX Runtime loaded every graph by path, with its data file
+    for g in ONNX:
+        info = res.manifest["graphs"][g]
+        assert info["external_data"] == g + ".data"
+        assert (res.out / g).stat().st_size == info["bytes"] and sha(res.out / g) == info["sha256"]
+        assert (res.out / (g + ".data")).stat().st_size > 4096
+        onnx.checker.check_model(str(res.out / g))
+        m = onnx.load(str(res.out / g), load_external_data=False)
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+    # deterministic: the same recipe and model give the same bytes, data files included
+    names = sorted(p.name for p in res.out.iterdir() if p.name.endswith((".onnx", ".data")))
+    assert len(names) == 8
+    assert {n: sha(res.out / n) for n in names} == {n: sha(again.out / n) for n in names}
+
+
+def test_external_data_builds_run_and_verify(external_build, capsys, tmp_path):
+    from quota_export.data import load_bench, load_image
+    from quota_export.runtime.ort import OrtRunner
+
+    recipe, (res, _) = external_build
+    s = load_bench(TEST_SPLIT, limit=1)[0]
+    assert main(["run", "--artifacts", str(res.out), "--image", s.image, "--prompt", s.question]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() and out == OrtRunner(res.out, threads=1).generate(load_image(s), s.question).text + "\n"
+    assert main(["verify", "--artifacts", str(res.out), "--bench", str(TEST_SPLIT), "--samples", "2",
+                 "--json", str(tmp_path / "v.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "v.json").read_text())["answer_agreement"] == 1.0
