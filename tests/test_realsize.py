@@ -92,6 +92,43 @@ def test_half_precision_checkpoint_builds_like_its_fp32_upcast(half_models, dtyp
     assert answers[0] and answers[0] == answers[1]
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl", "llava_next"])
+def test_bf16_reference_reads_the_fp32_upcast_values_in_every_family(family, tmp_path, samples):
+    """A bf16 checkpoint and its fp32 upcast: the same merged embeddings (vision side in fp32 in
+    both) and the same decoder values in the reference, bit for bit; hence the same answers.
+    (Logits agree to fp32 rounding only: BLAS may sum in another order for another memory layout.)"""
+    from conftest import make_tiny_llava_next, make_tiny_qwen2_vl
+    from quota_export import models
+    from quota_export.reference import DeployConfig, Deployed
+
+    make = {"llava": make_tiny_llava, "qwen2_vl": make_tiny_qwen2_vl, "llava_next": make_tiny_llava_next,
+            "qwen2_5_vl": lambda p: make_tiny_qwen2_vl(p, arch="Qwen2_5_VLForConditionalGeneration")}[family]
+    src = make(tmp_path / "src")
+    cls = models.load(src).model.__class__
+    deps, outs = [], []
+    for upcast in (False, True):
+        d = tmp_path / f"m{int(upcast)}"
+        shutil.copytree(src, d)
+        m = cls.from_pretrained(src).to(torch.bfloat16)
+        (m.float() if upcast else m).save_pretrained(d)
+        a = models.load(d)
+        assert a.layers()[0].mlp.down_proj.weight.dtype == (torch.float32 if upcast else torch.bfloat16)
+        dep = Deployed(a, DeployConfig())
+        pr = a.prompt(*samples[0])
+        toks, out = dep.generate(pr, 3)
+        deps.append(dep)
+        outs.append((dep.embed_prompt(pr), out.logits, toks))
+    half, full = deps
+    for attr in ("ln1", "ln2", "W", "B"):
+        for x, y in zip(getattr(half, attr), getattr(full, attr)):
+            x, y = (x, y) if isinstance(x, dict) else ({0: x}, {0: y})
+            assert all(x[k] is None and y[k] is None or torch.equal(x[k], y[k]) for k in x), attr
+    for attr in ("norm", "lm_head", "inv_freq"):
+        assert torch.equal(getattr(half, attr), getattr(full, attr)), attr
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5) and outs[0][2] == outs[1][2]
+
+
 # ---------------------------------------------------------------- images of any size
 
 
