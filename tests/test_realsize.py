@@ -285,3 +285,31 @@ def test_external_data_builds_run_and_verify(external_build, capsys, tmp_path):
     assert main(["verify", "--artifacts", str(res.out), "--bench", str(TEST_SPLIT), "--samples", "2",
                  "--json", str(tmp_path / "v.json")]) == 0  # fmt: skip
     assert json.loads((tmp_path / "v.json").read_text())["answer_agreement"] == 1.0
+
+
+def test_external_data_files_are_hashed_and_checked(external_build, capsys, tmp_path):
+    """The manifest hashes every data file; the runner checks them before loading: a changed data
+    file (or one whose checksum the manifest lost) is one error line, exit 2."""
+    _, (res, _) = external_build
+    files = res.manifest["files"]
+    for g in ONNX:
+        d = res.out / (g + ".data")
+        assert files[g + ".data"] == {"bytes": d.stat().st_size, "sha256": sha(d)}
+    bad = tmp_path / "bad"
+    shutil.copytree(res.out, bad)
+    data = bad / "prefill.onnx.data"
+    b = bytearray(data.read_bytes())
+    b[len(b) // 2] ^= 1  # one bit: same size, other weights
+    data.write_bytes(bytes(b))
+    s = str(ROOT / "calib_data" / "shapes" / "images" / "test" / "00000.png")
+    assert main(["run", "--artifacts", str(bad), "--image", s, "--prompt", "what ?"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {data}: changed after the build (size / checksum differ from the manifest)"]
+
+    man = json.loads((bad / "manifest.json").read_text())
+    del man["files"]["prefill.onnx.data"]
+    (bad / "manifest.json").write_text(json.dumps(man))
+    assert main(["run", "--artifacts", str(bad), "--image", s, "--prompt", "what ?"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {bad / 'manifest.json'}: corrupt manifest (no checksum for prefill.onnx's data file "
+                   "'prefill.onnx.data')"]
