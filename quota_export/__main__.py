@@ -147,7 +147,7 @@ def cmd_verify(a) -> int:
         if recipe.content_hash() != runner.manifest["recipe_hash"]:
             raise UserError(f"{folder / 'recipe.yaml'}: does not match the manifest's recipe hash (edited after the build?)")
         # a set built for another size than the benchmark's images sees them resized
-        data = load_items(a.bench, a.samples, runner.image_size, resize=several)
+        data = load_items(a.bench, a.samples, runner.image_size, resize=several, any_size=runner.resizes_images)
         where = str(folder)
         _say(f"comparing {where} ({a.backend}) with the PyTorch reference (fp64 reductions) of {recipe.model_path()} on {len(data.items)} samples")
         if base is None:
@@ -218,7 +218,7 @@ def cmd_run(a) -> int:
     if several:  # one graph set per declared image size: the image's size picks it
         runner = GraphRunner(set_for_image(a.artifacts, img.shape[:2]), a.backend)
     h, w = runner.image_size
-    if img.shape[:2] != (h, w):
+    if img.shape[:2] != (h, w) and not runner.resizes_images:
         raise UserError(f"{a.image}: image is {img.shape[1]}x{img.shape[0]}, these graphs take {w}x{h} (resize it first)")
     res = runner.generate(img, a.prompt, a.max_new_tokens)
     print(res.text)

@@ -135,9 +135,10 @@ class ParityData:
     ids: list[str] | None = None  # one per item: names the samples a parity report flags
 
 
-def load_items(path, n: int, image_size: tuple[int, int], resize: bool = False) -> ParityData:
+def load_items(path, n: int, image_size: tuple[int, int], resize: bool = False, any_size: bool = False) -> ParityData:
     """n task-balanced samples of a benchmark JSONL, images checked against the model's input size
-    (or, with `resize`, resized to it: parity of a graph set built for another size)."""
+    (or, with `resize`, resized to it: parity of a graph set built for another size; with
+    `any_size`, a fixed-resolution family, passed as they are: the processor resizes them)."""
     from quota_export.data import load_bench, load_image
 
     samples = load_bench(path, limit=n)
@@ -146,7 +147,7 @@ def load_items(path, n: int, image_size: tuple[int, int], resize: bool = False) 
     resized = False
     for s in samples:
         img = load_image(s)
-        if img.shape[:2] != (h, w):
+        if img.shape[:2] != (h, w) and not any_size:
             if not resize:
                 raise UserError(f"{s.image}: image is {img.shape[1]}x{img.shape[0]}, the model takes {w}x{h}")
             from PIL import Image
@@ -166,7 +167,7 @@ def parity_items(adapter, recipe, n: int, bench: str | None = None, resize: bool
         raise UserError(f"samples: need at least 1 parity sample, got {n}")
     src = bench or (recipe.calibration.data if recipe.calibration else None)
     if bench or (src and Path(src).is_file()):
-        return load_items(src, n, adapter.image_size(), resize)
+        return load_items(src, n, adapter.image_size(), resize, adapter.resizes_images)
     h, w = adapter.image_size()
     rng = np.random.default_rng(0)
     items = [(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "describe image") for _ in range(n)]
@@ -205,15 +206,9 @@ def io_spec(model) -> dict:
 
 
 def _write_graph(m, path: Path) -> dict:
-    import onnx
+    from quota_export.lower import external
 
-    data = m.SerializeToString(deterministic=True)
-    if len(data) > 2_000_000_000:
-        onnx.save_model(m, path, save_as_external_data=True, location=path.name + ".data")
-        data = path.read_bytes()
-    else:
-        path.write_bytes(data)
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return external.write_graph(m, path)  # over the threshold: <graph>.data beside it
 
 
 def _quant_summary(cfg) -> str:

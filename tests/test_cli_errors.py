@@ -259,11 +259,12 @@ def test_verify_edited_recipe(capsys, artifacts):
     one_error(rc, err, str(r), "changed after the build")  # manifest `files` checksums
 
 
-def test_run_image_of_the_wrong_size(capsys, artifacts, tmp_path):
+def test_run_image_of_another_size(capsys, artifacts, tmp_path):
+    """LLaVA-1.5 (one fixed input size) resizes any image as its processor does (test_realsize.py);
+    the dynamic-resolution families refuse sizes not built for (test_image_sizes.py)."""
     img = image(tmp_path, 64, 48)
     rc, out, err = cli(capsys, "run", "--artifacts", artifacts, "--image", img, "--prompt", "what ?")
-    one_error(rc, err, str(img), "64x48", "96x96")
-    assert out == ""
+    assert rc == 0, err
 
 
 def test_verify_and_run_on_the_good_build(capsys, good_build, tmp_path):

@@ -6,14 +6,16 @@ Stages: trace (vision tower via torch.onnx.export) -> decoder lowered op by op w
 
 from __future__ import annotations
 
-import io
+import tempfile
 import warnings
+from pathlib import Path
 
 import onnx
 from quota_export import __version__
 from onnx import version_converter
 import torch
 
+from quota_export.lower import external
 from quota_export.lower.decoder import DecoderLowering, embed_graph
 from quota_export.reference import Deployed
 
@@ -21,24 +23,41 @@ from quota_export.reference import Deployed
 def vision_graph(adapter, opset: int) -> onnx.ModelProto:
     mod = adapter.vision_module().eval()
     x = torch.zeros(*adapter.pixel_shape())  # [1,3,H,W] (LLaVA), [patches, C*tp*p*p] (Qwen2-VL)
-    buf = io.BytesIO()
-    # the TorchScript exporter tops out at opset 20; the graph is converted to `opset` below
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            mod,
-            (x,),
-            buf,
-            input_names=["pixel_values"],
-            output_names=["image_features"],
-            opset_version=min(opset, 20),
-            dynamo=False,
-            do_constant_folding=True,
-        )
-    m = onnx.load_from_string(buf.getvalue())
+    # exported to a file: a tower over 2 GiB comes with external data beside it (a buffer cannot
+    # hold it); the same bytes as an in-memory export otherwise
+    with tempfile.TemporaryDirectory(prefix="quota-vision-") as d:
+        path = Path(d) / "vision.onnx"
+        # the TorchScript exporter tops out at opset 20; the graph is converted to `opset` below
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                mod,
+                (x,),
+                str(path),
+                input_names=["pixel_values"],
+                output_names=["image_features"],
+                opset_version=min(opset, 20),
+                dynamo=False,
+                do_constant_folding=True,
+            )
+        m = read_exported(path, opset)
+    m.producer_name, m.producer_version = "quota_export", __version__
+    return m
+
+
+def read_exported(path: Path, opset: int) -> onnx.ModelProto:
+    """An exported graph converted to `opset`, its external data (if any) read into memory: the
+    conversion sees the graph without the tensors' bytes (it serializes its input, < 2 GiB)."""
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model
+
+    m = onnx.load(str(path), load_external_data=False)
     if opset > 20:
         m = version_converter.convert_version(m, opset)
-    m.producer_name, m.producer_version = "quota_export", __version__
+    external = [t for t in _get_all_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        load_external_data_for_model(m, str(path.parent))
+        for t in external:
+            t.ClearField("data_location")  # as if it had never been external
     return m
 
 
@@ -52,5 +71,5 @@ def lower(dep: Deployed, visual_start: int, opset: int) -> dict[str, onnx.ModelP
         "decode.onnx": DecoderLowering(dep, adapter.n_visual(), visual_start).decode(opset),
     }
     for m in graphs.values():
-        onnx.checker.check_model(m)
+        external.check(m)  # a graph over the external-data threshold is checked by path once written
     return graphs

@@ -22,6 +22,7 @@ from onnx import helper
 from quota_export.lower.decoder import DecoderLowering, embed_graph
 from quota_export.ops.gather import PLUGIN_DOMAIN, PLUGIN_OP, build_gather_subgraph
 from quota_export.lower.onnx_target import vision_graph
+from quota_export.lower import external
 from quota_export.lower.trt_check import check_model
 from quota_export.reference import Deployed
 
@@ -39,7 +40,7 @@ def lower(dep: Deployed, visual_start: int, opset: int) -> dict[str, onnx.ModelP
         "decode.onnx": DecoderLowering(dep, n, visual_start, target="tensorrt").decode(opset),
     }
     for m in graphs.values():
-        onnx.checker.check_model(m)
+        external.check(m)  # a graph over the external-data threshold is checked by path once written
     return graphs
 
 

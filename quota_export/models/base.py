@@ -53,25 +53,45 @@ class Prompt:
 
 
 def encode_chat(processor, image: np.ndarray, question: str, size: tuple[int, int], who: str = "the model takes",
-                return_tensors: str = "pt"):
-    """Check the image (HxWx3, exactly `size`), put it and the question in the processor's chat
-    template, and run the processor. Shared by every adapter and by the ONNX Runtime runner."""
+                return_tensors: str = "pt", resize: bool = False):
+    """Check the image (HxWx3), put it and the question in the processor's chat template, and run
+    the processor. Shared by every adapter and by the ONNX Runtime runner.
+
+    `resize` (fixed-resolution families, `Adapter.resizes_images`): an image of any size is brought
+    to `size` as the family's HF image processor does: by the processor itself when it resizes
+    (e.g. LLaVA-1.5's CLIP processor: shortest edge, then center crop), else (do_resize false, as
+    in the shipped shapes model) by that processor's own resize to `size` (its resample filter).
+    Without it the image must be exactly `size` (one graph set per declared image size)."""
     from quota_export import UserError
 
     h, w = size
     if image.ndim != 3 or image.shape[2] != 3:
         raise UserError(f"image must be HxWx3 RGB, got shape {tuple(image.shape)}")
+    kw = {}
     if image.shape[:2] != (h, w):
-        raise UserError(f"image is {image.shape[1]}x{image.shape[0]}, {who} {w}x{h}")
+        if not resize:
+            raise UserError(f"image is {image.shape[1]}x{image.shape[0]}, {who} {w}x{h} (one graph set per "
+                            "declared image size: list the sizes to serve in export.image_sizes)")
+        if not getattr(processor.image_processor, "do_resize", False):
+            kw = {"do_resize": True, "size": {"height": h, "width": w}}
     from PIL import Image
 
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True)
-    return processor(images=Image.fromarray(image), text=text, return_tensors=return_tensors)
+    enc = processor(images=Image.fromarray(image), text=text, return_tensors=return_tensors, **kw)
+    got = tuple(enc["pixel_values"].shape[-2:])
+    if resize and got != (h, w):
+        raise UserError(f"image is {image.shape[1]}x{image.shape[0]}: the image processor makes {got[1]}x{got[0]} "
+                        f"pixels of it, {who} {w}x{h} (check preprocessor_config.json)")
+    return enc
 
 
 class Adapter:
     architecture: str = ""
+    # fixed-resolution families: images of any size are resized to image_size() the way the
+    # family's HF image processor does (encode_chat); dynamic-resolution families build one graph
+    # set per declared size and take only those sizes
+    resizes_images: bool = False
 
     def __init__(self, model, processor, path: Path):
         self.model = model.eval()
@@ -100,8 +120,24 @@ class Adapter:
         except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
             raise UserError(f"{path}: cannot load processor / tokenizer ({one_line(e)})") from None
         ad = cls(model, processor, path)
+        ad.vision_to_fp32()
         ad.check()
         return ad
+
+    def vision_to_fp32(self) -> None:
+        """Upcast the vision side (everything of model.model but the decoder: vision tower,
+        projector, e.g. LLaVA-NeXT's image_newline) to float32 in place; the decoder, its embeddings
+        and lm_head keep the checkpoint's dtype (bf16 / fp16 stay half the memory). The reference
+        reads decoder weights with .float() and the vision graph is traced from these modules, so a
+        half-precision checkpoint builds and runs exactly like its fp32 upcast (the vision graph
+        takes float32 pixels on ONNX Runtime CPU). A no-op on a float32 checkpoint."""
+        inner = self.model.model
+        for child in inner.children():
+            if child is not self.lm:
+                child.float()
+        for p in inner.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
 
     def check(self) -> None:
         """What this adapter does not lower, as one UserError line each (default: nothing)."""

@@ -19,6 +19,7 @@ from quota_export.models.base import Adapter, DecoderSpec, Prompt, encode_chat
 @register("LlavaForConditionalGeneration")
 class LlavaAdapter(Adapter):
     label = "LLaVA"
+    resizes_images = True  # one fixed input size: the processor resizes any image to it
 
     @classmethod
     def hf_classes(cls):
@@ -56,7 +57,7 @@ class LlavaAdapter(Adapter):
         return n if self.model.config.vision_feature_select_strategy == "default" else n + 1
 
     def prompt(self, image: np.ndarray, question: str) -> Prompt:
-        enc = encode_chat(self.processor, image, question, self.image_size())
+        enc = encode_chat(self.processor, image, question, self.image_size(), resize=self.resizes_images)
         ids = enc["input_ids"]
         img_id = self.model.config.image_token_index
         pos = (ids[0] == img_id).nonzero().flatten()

@@ -36,6 +36,7 @@ from quota_export.models.llava import LlavaAdapter
 @register("LlavaNextForConditionalGeneration")
 class LlavaNextAdapter(LlavaAdapter):
     label = "LLaVA-NeXT"
+    resizes_images = False  # one graph set per declared grid size (export.image_sizes)
 
     @classmethod
     def hf_classes(cls):

@@ -269,6 +269,9 @@ class OrtRunner:
                 raise UserError(f"{p}: corrupt graph ({size} bytes, the manifest records {want['bytes']}; truncated?)")
             if _sha256(p) != want["sha256"]:
                 raise UserError(f"{p}: corrupt graph (checksum differs from the manifest; modified after the build?)")
+            data = want.get("external_data")  # a graph over the size threshold (lower/external.py)
+            if data is not None and data not in self.manifest["files"]:
+                raise UserError(f"{self.dir / 'manifest.json'}: corrupt manifest (no checksum for {g}'s data file {data!r})")
         so = ort.SessionOptions()
         threads = threads or _env_threads()
         if threads > 0:
@@ -320,6 +323,10 @@ class OrtRunner:
         self.eos = m["eos_token_id"]
         self.image_token_id = m["image_token_id"]
         self.mrope = m.get("mrope")  # absent: 1-D positions
+        from quota_export.models import REGISTRY
+
+        family = REGISTRY.get(m.get("architecture", ""))  # its processor resizes any image (encode_chat)?
+        self.resizes_images = bool(family and family.resizes_images)
 
     def _session(self, g: str, src, so):
         """One graph's session (`src`: a path, or the serialized graph with gathers inlined)."""
@@ -342,12 +349,14 @@ class OrtRunner:
                          "manifest.json edited after the build?")
 
     def encode(self, image: np.ndarray, question: str):
-        """-> (input_ids [1,T], pixel_values [1,3,H,W]) via the shipped processor, checked."""
+        """-> (input_ids [1,T], pixel_values [1,3,H,W]) via the shipped processor, checked (an image of
+        another size is resized as the reference resizes it, for fixed-resolution families)."""
         from quota_export.limits import check_text
         from quota_export.models.base import encode_chat
 
         check_text(question, "prompt")
-        enc = encode_chat(self.processor, image, question, tuple(self.image_size), "these graphs take", "np")
+        enc = encode_chat(self.processor, image, question, tuple(self.image_size), "these graphs take", "np",
+                          resize=self.resizes_images)
         ids = enc["input_ids"].astype(np.int64)
         pos = np.flatnonzero(ids[0] == self.image_token_id)
         if len(pos) == self.n_visual and pos[-1] - pos[0] == self.n_visual - 1 and pos[0] > self.visual_start:
