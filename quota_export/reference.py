@@ -69,6 +69,7 @@ class DeployConfig:
     stages: list[StageCfg] = field(default_factory=list)
     merge: bool = False  # pruning.merge == "proportional" (see Deployed.merge_counts)
     fp64: bool = True  # export.reductions == "fp64" (see `Deployed`)
+    int_mm: bool = False  # export.matmul == "integer": the onnx target's integer GEMMs (lower/intlinear.py)
 
     @classmethod
     def from_recipe(cls, recipe, n_visual: int | None = None) -> "DeployConfig":
@@ -85,6 +86,11 @@ class DeployConfig:
             from quota_export import UserError
 
             raise UserError("quant.activations.rotation: 'hadamard' is not lowered yet; use 'none'")
+        if recipe.export.matmul == "integer" and w.accumulation != "exact":
+            from quota_export import UserError
+
+            raise UserError("export.matmul: 'integer' needs quant.weights.accumulation: exact (the integer GEMM "
+                            "equals the float path only on the exact grid)")
         return cls(
             w_bits=w.bits,
             w_symmetric=w.symmetric,
@@ -97,6 +103,7 @@ class DeployConfig:
             kv_bits=kv.bits,
             kv_group=kv.group_size,
             fp64=recipe.export.reductions == "fp64",
+            int_mm=recipe.export.matmul == "integer",
             merge=recipe.pruning.merge == "proportional",
             stages=[
                 StageCfg(

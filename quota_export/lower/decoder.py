@@ -35,6 +35,7 @@ import torch
 
 from quota_export.lower.gather_onnx import build_gather_subgraph, build_plugin_node
 from quota_export.lower.graph import DOUBLE, FLOAT, INT64, UINT8, Graph
+from quota_export.lower import intlinear
 from quota_export.quant.quantizers import EPS
 from quota_export.reference import LINEARS, SCORE_GRID_BITS, Deployed
 
@@ -74,7 +75,10 @@ class DecoderLowering:
         self.n_visual = n_visual
         self.visual_start = visual_start
         self._w_cache: dict[str, str] = {}
+        self._codes_f: dict[str, str] = {}
         self.fp64 = dep.cfg.fp64
+        # export.matmul: integer (exact by construction, see lower/intlinear.py); TensorRT keeps float
+        self.integer = target == "onnx" and dep.cfg.int_mm and dep.cfg.a_bits < 16
         if self.fp64 and target == "tensorrt":
             raise ValueError("the tensorrt target needs fp32 reductions (Deployed.set_reductions(False))")
 
@@ -125,6 +129,8 @@ class DecoderLowering:
             m = g.op("ReduceMax", [a, self.ax(g, [-1])], keepdims=1)
             m = g.op("Max", [m, g.const(EPS)])
             s = g.op("Div", [m, g.const(float(qmax))], name="Scale")
+            if self.integer:  # uint8 codes + zero point for MatMulInteger (lower/intlinear.py)
+                return intlinear.act_codes(g, x, s, bits), s
             if self.target == "tensorrt":
                 # TensorRT has no INT4 activations and wants constant Q/DQ scales: the same
                 # numerics in float (round-half-even + saturate), exact to the Q/DQ pair.
@@ -135,6 +141,16 @@ class DecoderLowering:
             # Cast, not DequantizeLinear(q, 1): ONNX Runtime fuses DQ(int4 W) + MatMul into its 4-bit
             # MatMul only when the weight is the MatMul's single DQ input
             return g.op("Cast", [q], to=FLOAT, name="Integers"), s
+
+    def float_codes(self, g: Graph, xq):
+        """The activation integers as fp32 (xq[0] itself, or the uint8 codes minus their zero point)."""
+        if not self.integer:
+            return xq[0]
+        if xq[0] not in self._codes_f:
+            zp, _ = intlinear.code_range(self.cfg.a_bits)
+            f = g.op("Cast", [xq[0]], to=FLOAT, name="codes_float")
+            self._codes_f[xq[0]] = g.op("Sub", [f, g.const(float(zp))], name="Integers")
+        return self._codes_f[xq[0]]
 
     def weight(self, g: Graph, l: int, lin: str):
         """The MatMul B operand: DQ(int4 blocked const) or an fp32 constant, [in, out]."""
@@ -169,10 +185,17 @@ class DecoderLowering:
         if quant and x_q is None:
             dim = self.dep.W[l][lin].shape[1]
             x_q = self.act_qdq(g, x, dim, f"model/layers.{l}/{SHORT[lin]}/input_quant")
-        xin = x_q[0] if quant else x
-        w = self.weight(g, l, lin)
+        qw = self.dep.qweights.get(f"{self.spec.module_prefix}.layers.{l}.{lin}")
+        plan = intlinear.plan(qw, self.cfg.a_bits) if quant and self.integer else None
+        if plan is not None:
+            with g.scope(f"model/layers.{l}/{SHORT[lin]}"):
+                y = intlinear.integer_matmul(g, x_q[0], qw, self.cfg.a_bits, plan)
+        else:
+            xin = self.float_codes(g, x_q) if quant else x
+            w = self.weight(g, l, lin)
         with g.scope(f"model/layers.{l}/{SHORT[lin]}"):
-            y = g.op("MatMul", [xin, w])
+            if plan is None:
+                y = g.op("MatMul", [xin, w])
             if quant:
                 y = g.op("Mul", [y, x_q[1]], name="ActScale")
             b = self.dep.B[l][lin]
@@ -363,7 +386,7 @@ class DecoderLowering:
         (wm, wa, wr, wd), (sm, sa, sr, sd) = st.w, st.sigma
         # risk is computed even at weight 0, as the reference does
         xv = sl(xn, s0, s0 + n, 1)
-        xdq = xn if xq is None else g.op("Mul", [xq[0], xq[1]], name="dequant_input")
+        xdq = xn if xq is None else g.op("Mul", [self.float_codes(g, xq), xq[1]], name="dequant_input")
         xqv = sl(xdq, s0, s0 + n, 1)
         dif = self.to_hp(g, g.op("Sub", [xqv, xv]))
         xvh = self.to_hp(g, xv)
@@ -480,7 +503,7 @@ class DecoderLowering:
             sl = lambda t, a, b, axis: g.op("Slice", [t, self.ax(g, [a]), self.ax(g, [b]), self.ax(g, [axis])])
             # cosine of the attention input's integer codes (else the normed input): f f^T is exact
             # on integers; the diversity signal, max-min selection and merging read it
-            f = self.to_hp(g, sl(xn if xq is None else xq[0], s0, s0 + n, 1))
+            f = self.to_hp(g, sl(xn if xq is None else self.float_codes(g, xq), s0, s0 + n, 1))
             nf = g.op("Max", [g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [f, f]), self.ax(g, [-1])], keepdims=1)]),
                               self.hc(g, 1e-12)], name="code_norm")  # [1, n, 1]
             dot = g.op("MatMul", [f, g.op("Transpose", [f], perm=[0, 2, 1])], name="code_dot")
