@@ -9,7 +9,7 @@ accumulation as `build` snaps them) -> times the per-token scale. Forms:
 
     float       today's `onnx` target: QuantizeLinear(int4/int8) -> Cast float -> MatMul(DQ(int4 W))
                 -> Mul s_tok (ORT fuses DQ + MatMul into MatMulNBits, accuracy level 1: fp32, exact)
-    int         what `export.matmul: integer` lowers (quota_export/lower/intlinear.py): Div -> QuantizeLinear
+    int         what `export.matmul: integer` lowers (quota_export/ops/linear.py): Div -> QuantizeLinear
                 (scale 1, uint8 zero point 8/128) -> MatMulInteger(int8 weight planes: the codes times the
                 integer digits of the snapped scales; one plane per channel scale, P side by side along N
                 for group scales) -> Cast float -> Mul scale (planes: Reshape, Mul 2^(bj+e), ReduceSum)
@@ -43,43 +43,40 @@ sys.path.insert(0, str(ROOT))
 
 def build(form: str, T: int, K: int, N: int, group: int | None, a_bits: int, seed: int = 0):
     import torch
-    from onnx import TensorProto as TP
 
-    from quota_export.lower import intlinear
-    from quota_export.lower.graph import FLOAT, Graph
+    from quota_export.ops.act_quant import act_quant_onnx, code_zero_point
+    from quota_export.ops.base import Emit
+    from quota_export.ops.graph import FLOAT, Graph
+    from quota_export.ops.linear import integer_linear_onnx, integer_plan, integer_planes, linear_onnx, weight_onnx
     from quota_export.quant.quantizers import exact_scale_bits, quantize_weight
 
     torch.manual_seed(seed)
     w = torch.randn(N, K) * 0.02
     gs = group or K
     qw = quantize_weight(w, 4, True, gs, scale_bits=exact_scale_bits(K, 4, True, a_bits))
-    g = Graph(form)
+    e = Emit(Graph(form), fp64=False)
+    g = e.g
     x = g.input("x", FLOAT, [1, T, K])
     if form == "fp32":
         g.output(g.op("MatMul", [x, g.init("w", w.T.numpy().copy())]), "y", FLOAT, [1, T, N])
         return g.model(21)
-    qmax = 2 ** (a_bits - 1) - 1
-    m = g.op("Max", [g.op("ReduceMax", [g.op("Abs", [x]), g.const([-1], np.int64)], keepdims=1), g.const(1e-8)])
-    s = g.op("Div", [m, g.const(float(qmax))])
-    if form == "float":  # DecoderLowering.act_qdq + linear with export.matmul: float
-        dt = TP.INT4 if a_bits == 4 else TP.INT8
-        q = g.op("Cast", [g.op("QuantizeLinear", [x, s], axis=-1, block_size=K, output_dtype=dt)], to=FLOAT)
-        wd = g.op("DequantizeLinear", [g.init_int4("wq", qw.q.numpy().T), g.init("ws", qw.scale.numpy().T.copy())],
-                  axis=0, block_size=gs)
-        y = g.op("MatMul", [q, wd])
+    if form == "float":  # what DecoderLowering emits with export.matmul: float
+        q, s = act_quant_onnx(e, x, a_bits, K, "in")
+        y = linear_onnx(e, q, weight_onnx(e, qw, None, "w"), s, None, "lin")
     else:
-        codes = intlinear.act_codes(g, x, s, a_bits)
-        zp = g.const(intlinear.code_range(a_bits)[0], np.uint8)
-        p = intlinear.plan(qw, a_bits)
-        if form == "int":  # what the lowering emits
-            y = intlinear.integer_matmul(g, codes, qw, a_bits, p)
+        codes, s = act_quant_onnx(e, x, a_bits, K, "in", uint8=True)
+        zp = g.const(code_zero_point(a_bits), np.uint8)
+        p = integer_plan(qw, a_bits)
+        if form == "int":  # what DecoderLowering emits with export.matmul: integer
+            y = integer_linear_onnx(e, codes, qw, p, a_bits, s, None, "lin")
         elif form == "int-mitf":  # com.microsoft MatMulIntegerToFloat, b_scale = the plane factors
-            wp = g.init("planes", intlinear.planes_array(qw, p))
+            wp = g.init("planes", integer_planes(qw, p))
             y = g.op("MatMulIntegerToFloat", [codes, wp, g.const(1.0), g.init("f", p.factors.reshape(-1)), zp],
                      domain="com.microsoft")
             if p.planes > 1:
                 y = g.op("ReduceSum", [g.op("Reshape", [y, g.const([0, 0, p.planes, N], np.int64)]),
                                        g.const([2], np.int64)], keepdims=0)
+            y = g.op("Mul", [y, s])
         else:  # int-group: one batched GEMM per weight group, then the group scales
             G = K // gs
             wg = g.init("wg", qw.q.numpy().T.reshape(G, gs, N).astype(np.int8))
@@ -87,7 +84,8 @@ def build(form: str, T: int, K: int, N: int, group: int | None, a_bits: int, see
             y = g.op("Cast", [g.op("MatMulInteger", [a, wg, zp])], to=FLOAT)
             y = g.op("Mul", [y, g.init("gsc", qw.scale.numpy().T[:, None, :].copy())])
             y = g.op("Unsqueeze", [g.op("ReduceSum", [y, g.const([0], np.int64)], keepdims=0), g.const([0], np.int64)])
-    g.output(g.op("Mul", [y, s]), "y", FLOAT, [1, T, N])
+            y = g.op("Mul", [y, s])
+    g.output(y, "y", FLOAT, [1, T, N])
     return g.model(21)
 
 

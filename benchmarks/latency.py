@@ -19,7 +19,7 @@ vision tower plays no part, and no parity is checked here) into these variants:
     w4a4kv4@L       W4A4KV4 as `build` lowers it (exact quantized matmuls, `export.reductions:
                     fp64`, the default); all tokens
     quota@L         w4a4kv4 + the pruning schedule (stages at layers 1, 2, 4; mean kept <= 30%)
-    w4a4kv4-r32@1   w4a4kv4 with `export.reductions: fp32` (Deployed.set_reductions(False) before
+    w4a4kv4-r32@1   w4a4kv4 with `export.reductions: fp32` (Deployed.with_reductions(False) before
     quota-r32@1     lowering): RMSNorm statistics, RoPE tables, attention, SiLU and the pruning
                     signals in fp32 instead of float64; same weights, same KV cache format
 
@@ -122,13 +122,12 @@ def make_recipe(name: str, scheme: str, n_visual: int, stages: list[tuple[int, i
 # ---------------------------------------------------------------- graphs
 def lower_variant(adapter, recipe, n_visual: int, visual_start: int, fp64: bool = True):
     """Recipe -> (prefill, decode) ModelProtos via DecoderLowering (target onnx, as `build` does).
-    fp64=False: the Deployed's reductions are switched to fp32 (`set_reductions(False)`) before lowering."""
+    fp64=False: lowered from the Deployed with fp32 reductions (`with_reductions(False)`)."""
     from quota_export.lower.decoder import DecoderLowering
     from quota_export.reference import DeployConfig, Deployed
 
     recipe.check_against(adapter.decoder_spec().num_layers, n_visual, adapter.module_names())
-    dep = Deployed(adapter, DeployConfig.from_recipe(recipe))
-    dep.set_reductions(fp64)
+    dep = Deployed(adapter, DeployConfig.from_recipe(recipe)).with_reductions(fp64)
     pre = DecoderLowering(dep, n_visual, visual_start).prefill(OPSET)
     dec = DecoderLowering(dep, n_visual, visual_start).decode(OPSET)
     return pre, dec

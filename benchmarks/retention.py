@@ -160,7 +160,8 @@ def _rtn_recipe(recipe):
 
 
 def _run(a, model_arg, progress, t_start) -> int:
-    from quota_export.calibrate import calibrate, versions
+    from quota_export import versions
+    from quota_export.calibrate import calibrate
     from quota_export.evaluate import Harness
     from quota_export.qweights import save_with_recipe
     from quota_export.recipe import load_recipe, save_recipe

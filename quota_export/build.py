@@ -11,6 +11,8 @@ and an older build at the same place is left untouched.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quota_export import UserError, __version__
+from quota_export import UserError, versions
 
 PARITY_SAMPLES = 8
 STEPS = 5
@@ -33,21 +35,6 @@ class ParityError(UserError):
     """The built graphs disagree with the PyTorch reference (an exporter bug, not bad input)."""
 
     exit_code = 1
-
-
-def versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    return {
-        "quota_export": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
 
 
 def _check_quant_fits(recipe, adapter, spec) -> None:
@@ -62,7 +49,7 @@ def _check_quant_fits(recipe, adapter, spec) -> None:
     if w.bits >= 16:
         return
     mods = dict(adapter.model.named_modules())
-    for name in recipe.quantized_modules(list(mods)):
+    for name in recipe.resolved_quant().weights.quantized(list(mods)):
         weight = getattr(mods[name], "weight", None)
         if weight is None or weight.dim() != 2:
             continue
@@ -113,8 +100,8 @@ def deployed_at(recipe, adapter, size=None, qweights=None, fp64: bool | None = N
     n = adapter.n_visual()
     cfg = DeployConfig.from_recipe(recipe, n)
     if fp64 is not None:
-        cfg.fp64 = fp64
-    if qweights is None and cfg.w_algorithm == "gptq":
+        cfg = dataclasses.replace(cfg, fp64=fp64)
+    if qweights is None and cfg.weights.algorithm == "gptq":
         from quota_export.qweights import load_qweights
 
         qweights = load_qweights(recipe, adapter, cfg)  # the calibrated file beside the recipe
@@ -275,7 +262,7 @@ def _write_graph(m, path: Path) -> dict:
 
 
 def _quant_summary(cfg) -> str:
-    parts = [f"W{cfg.w_bits}" if cfg.w_bits < 16 else "W fp32", f"A{cfg.a_bits}" if cfg.a_bits < 16 else "A fp32",
+    parts = [f"W{cfg.weights.bits}" if cfg.weights.bits < 16 else "W fp32", f"A{cfg.a_bits}" if cfg.a_bits < 16 else "A fp32",
              f"KV{cfg.kv_bits}" if cfg.kv_bits < 16 else "KV fp32"]
     return " ".join(parts)
 
@@ -337,7 +324,7 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
                 "target": target,
                 "sets": [{"image_size": list(sz), "dir": size_dir(sz), "n_visual": m["model"]["n_visual"],
                           "schedule": m["schedule"], "parity": m["parity"]} for sz, m in sets],
-                "versions": versions(),
+                "versions": versions(runtime=True),
             }
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -401,7 +388,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
         "recipe": recipe.name,
         "recipe_hash": recipe.content_hash(),
         "target": target,
-        "reductions": "fp64" if dep.cfg.fp64 else "fp32",  # the graphs' (the tensorrt target: fp32)
+        "reductions": "fp64" if dep.cfg.fp64 and target != "tensorrt" else "fp32",  # the graphs' (TensorRT: fp32)
         "model": {
             "path": str(recipe.model),
             "architecture": adapter.architecture,
@@ -423,7 +410,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
             "max_seq": recipe.export.max_seq,
         },
         "graphs": {n: {**files[n], **io_spec(m)} for n, m in graphs.items()},
-        "versions": versions(),
+        "versions": versions(runtime=True),
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
@@ -436,8 +423,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
     # graphs with fp32 reductions differ from it only by their own roundings, whereas a reference
     # in fp32 would add torch's (another summation order) - on the shipped default that halves
     # the median logits SQNR (verify.THRESHOLDS_FP32).
-    dep.set_reductions(fp64=True)
-    rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, progress=progress, ids=data.ids)
+    rep = compare(runner, dep.with_reductions(True), data.items, recipe.export.max_new_tokens, progress=progress, ids=data.ids)
     manifest["parity"] = {"data": data.source, "reference_reductions": "fp64", **rep.as_dict()}
     fails = rep.failures(thresholds_for(manifest["reductions"]))
     if fails:

@@ -1,55 +1,28 @@
 """QUOTA calibration: calibration data through the model as deployed -> schedule -> Recipe.
 
-DESIGN §4. Everything is measured under the deployed quantizers (`Deployed` built from the
-scheme, RTN weights), prefill only:
+The objective and the search (docs/design.md §4, docs/calibration.md): everything is measured
+under the deployed quantizers (`Deployed` built from the scheme, RTN weights), prefill only.
 
-    samples --prompt/embed--> h_0 --quantized unpruned prefill--> h_l (input of every layer l),
-                                                                  p_ref = softmax(logits)   (cached)
-    candidate = stages [(layer, keep, (w_m, w_a, w_r, w_d))]; all-zero weights = max-min selection
-                (`select: maxmin`: greedy DivPrune-style set selection on the stage's codes)
-    stage j: signals (magnitude, attention, risk, diversity) = Deployed.signals on the stream stage j sees
-             (stages < j applied); sigma_j = their std over all calibration visual tokens
-             present there (SIG_DIGITS significant digits; 1 for a constant signal)
-    D(candidate) = mean over samples of KL(p_ref || p_pruned)  at the first answer position
+    samples --embed--> h_0 --quantized unpruned prefill--> h_l (input of every layer l, cached),
+                                                          p_ref = softmax(logits)
+    candidate = stages [(layer, keep, (w_m, w_a, w_r, w_d))]; the all-zero vector MAXMIN stands
+                for a max-min stage (`select_of`)
+    sigma_j = std of each signal over the calibration tokens stage j sees (stages < j applied)
+    D(candidate) = mean over samples of KL(p_ref || p_pruned) at the first answer position
 
     search (deterministic; ties -> the earlier candidate in the fixed enumeration order):
-      A. shapes x starts: 1-3 stages at layers from a grid, keeps from a geometric decay
-         k_j = k_1 r^j with k_1 the largest that meets the budget, every stage scored by one
-         single-signal start vector of STARTS (attention, magnitude, diversity only) or by
-         max-min selection
-      B. weights, from each start's best shape: coordinate descent over the stages, each stage
-         trying the weight grid W_GRID with the others fixed, until a sweep changes nothing
-         (<= 3 sweeps)
-      C. keeps: that shape's layers with the other decay ratios of R_FINE, final weights;
-         the lowest divergence over the starts' ends is the result (ties -> the earlier start)
+      A. shapes x starts: 1-3 stages at layers from a grid, geometric keeps, each stage scored by a
+         single-signal start (STARTS) or max-min selection
+      B. weights, from each start's best shape: coordinate descent over W_GRID (<= 3 sweeps)
+      C. keeps: that shape's layers with the decay ratios of R_FINE; the lowest end wins
 
-Why several starts: the shape found with one scorer is not the shape another scorer needs.
-With attention-only shapes alone (on the step-24000 shipped model, 128 samples) the full search
-ended at divergence 0.096 while its own ablation without attention, whose phase A scored shapes
-by magnitude, reached 0.042 (L1/L3/L4 with magnitude, risk and diversity weights that W_GRID did
-not hold): the full search must see every ablation's space, so W_GRID also holds those vectors
-and phases B and C run from every start's best shape. It stays a local search: a larger grid can
-send the descent down another path, and at budget 0.5 (same model and samples) this search ends
-at 0.00825 where the attention-only search with the smaller grid ended at 0.00714.
-
-Ablations: `signals` (default all of SIGNALS) restricts which signals may get a non-zero weight.
-The weight grid is then `weight_grid(signals)`: W_GRID with the other signals' weights set to 0,
-vectors that become all-zero dropped, duplicates dropped (order kept); the starts are STARTS
-restricted the same way (those left with a non-zero weight), or the grid's first vector if none
-is. With all four signals it is W_GRID itself; a restricted run says so in `calibration.notes`.
-Vectors that give the same ranking (equal up to a positive factor once the weights of signals
-constant at that stage are zeroed) are tried once, the earliest.
-
-A candidate is run from its first stage layer on the cached h_l, and within one batch of
-candidates, states and signals shared by a common stage prefix are computed once. The fast
+`signals` restricts which signals may get a non-zero weight (ablations: `weight_grid`,
+`start_vectors`). A candidate runs from its first stage layer on the cached h_l; within a batch
+of candidates, states and signals shared by a common stage prefix are computed once. The fast
 path equals `Deployed.prefill` with the same stages bit for bit (tests/test_calibrate.py).
-
-Budget: mean_l kept_l <= budget * N over all decoder layers (as `Pruning.kept_per_layer`).
-Weights: RTN (`algorithm: rtn`, the default) needs no calibration data; the search always
-runs with RTN weights. With `weights="gptq"`, once the schedule is chosen, GPTQ is calibrated
-layer by layer on the streams the pruned, quantized model produces for the same samples
-(gptq_calibrate.py); the weights travel in `SearchResult.weights` and `calibrate --weights gptq`
-writes them beside the recipe (qweights.py).
+Budget: mean_l kept_l <= budget * N over all decoder layers. With `weights="gptq"`, GPTQ is
+then calibrated on the chosen schedule's streams (gptq_calibrate.py) and written beside the
+recipe (qweights.py).
 """
 
 from __future__ import annotations
@@ -62,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from quota_export import UserError, __version__
+from quota_export import UserError, versions
 from quota_export.prune.schedule import budget_cap, geometric_keeps, total_kept  # noqa: F401
 from quota_export.recipe import SIGNALS  # the order of a weight vector's entries
 
@@ -230,13 +203,6 @@ class _Entry:
     constant: tuple[bool, ...]  # which signals are constant (their weight is irrelevant)
 
 
-def combine(st, *signals):
-    """The stage score exactly as the reference (and the graphs) compute it."""
-    from quota_export.reference import stage_score
-
-    return stage_score(st, *signals)
-
-
 def kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
     """KL(p_ref || softmax(logits)) in nats (float64)."""
     lp = torch.log_softmax(logits.double().flatten(), dim=-1)
@@ -267,11 +233,8 @@ class Evaluator:
     def __init__(self, dep, prompts, progress: bool = False):
         from tqdm import tqdm
 
-        from quota_export.reference import rmsnorm
-
         self.dep = dep
         self.L = dep.spec.num_layers
-        self._rmsnorm = rmsnorm
         self.samples: list[_Sample] = []
         self.cache: dict[tuple, float] = {}
         self.sigma_cache: dict[tuple, tuple] = {}  # (prefix, layer) -> (sigma, constant)
@@ -284,13 +247,9 @@ class Evaluator:
                 for l in range(self.L):
                     hs.append(h)
                     h, _ = dep.layer(l, h, pos)
-                ref = torch.log_softmax(self._head(h).double().flatten(), dim=-1)
+                ref = torch.log_softmax(dep.head(h).double().flatten(), dim=-1)
                 self.samples.append(_Sample(hs, pos, p.visual_start, p.n_visual, ref))
         self.n_visual = self.samples[0].n if self.samples else 0
-
-    def _head(self, h):
-        d = self.dep
-        return self._rmsnorm(h[:, -1], d.norm, d.spec.rms_eps, d.hp) @ d.lm_head.T
 
     @torch.no_grad()
     def _entry(self, prefix: tuple, layer: int, memo: dict) -> _Entry:
@@ -312,16 +271,17 @@ class Evaluator:
 
     def _advance(self, smp: _Sample, state, signals, sigma, stage, to_layer: int):
         """Prune `state` at `stage` (scored from `signals`), then run its layer .. to_layer - 1."""
-        from quota_export.prune.topk import stable_topk
-        from quota_export.reference import StageCfg
+        from quota_export.ops.gather import stable_topk
+        from quota_export.ops.maxmin import maxmin_score
+        from quota_export.ops.signals import stage_score
 
         h, pos, n, cnt = state
         layer, keep, w = stage
         start = smp.start
         if w == MAXMIN:
-            idx = stable_topk(self.dep.maxmin_score(layer, h, pos, start, n, keep), keep)
+            idx = stable_topk(maxmin_score(self.dep.cosine(layer, h, pos, start, n), keep), keep)
         else:
-            idx = stable_topk(combine(StageCfg(layer, keep, w, sigma), *signals), keep)
+            idx = stable_topk(stage_score(w, sigma, *signals), keep)
         if self.dep.cfg.merge:
             cnt = self.dep.merge_counts(layer, h, pos, idx, start, n, torch.ones(n, dtype=torch.float64) if cnt is None else cnt)
         bias = self.dep.key_bias(cnt, start)
@@ -360,7 +320,7 @@ class Evaluator:
                     tot = 0.0
                     for smp, st, sg in zip(self.samples, e.states, e.signals):
                         h = self._advance(smp, st, sg, e.sigma, c[-1], self.L)[0]
-                        tot += kl(smp.ref_logp, self._head(h))
+                        tot += kl(smp.ref_logp, self.dep.head(h))
                     self.cache[c] = tot / len(self.samples)
                 self.evals += 1
                 if bar is not None:
@@ -476,12 +436,6 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
 # ---------------------------------------------------------------- entry point
 
 
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {"quota_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
 def default_name(model: str | Path, scheme: str, budget: float) -> str:
     import re
 
@@ -496,7 +450,7 @@ def calibrate(model: str | Path, data: str | Path, budget: float, scheme: str = 
 
     `signals`: which of magnitude/attention/risk/diversity may get a non-zero score weight
     (ablations; default all four, the full method). `merge`: "proportional" (the full method:
-    dropped tokens are merged into their most similar kept token, DESIGN §4) or "none" (ablation).
+    dropped tokens are merged into their most similar kept token, docs/design.md §4) or "none" (ablation).
 
     Same model, data, budget, scheme, samples and seed -> the same recipe bytes: the search has
     no randomness but the seeded sample choice, ties go to the earlier candidate, measured
@@ -561,7 +515,7 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
                    pruning=Pruning(budget=1.0, n_visual=N, stages=[], merge=merge))
     probe.check_against(spec.num_layers, N, adapter.module_names())
     cfg = DeployConfig.from_recipe(probe)
-    if cfg.w_algorithm != "rtn":
+    if cfg.weights.algorithm != "rtn":
         raise UserError("calibrate: only rtn weight quantization is implemented")
     dep = Deployed(adapter, cfg)
     chosen = select_samples(data, samples, seed)

@@ -34,7 +34,7 @@ METHODS = ("fp", "none", "quota", "fastv", "pdrop", "sparsevlm", "divprune", "ra
 MAX_NEW_TOKENS = 8
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-_FP_CACHE: dict[tuple, "RunResult"] = {}
+_FP_CACHE: dict[tuple, "MethodRun"] = {}
 
 
 # ---------------------------------------------------------------- scoring (pure)
@@ -90,7 +90,7 @@ def mean_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
 
 
 @dataclass
-class RunResult:
+class MethodRun:
     answers: list[str]
     first_logp: torch.Tensor  # [S, V] float64 log-probs of the first answer token
     mean_kept: float  # mean kept fraction of visual tokens over all decoder layers
@@ -176,7 +176,7 @@ class Harness:
         data, n, seed = self.calib
         if data is None:
             raise UserError(f"--quant {scheme}: GPTQ needs calibration data; give --calib JSONL")
-        if cfg.w_bits >= 16:
+        if cfg.weights.bits >= 16:
             raise UserError(f"--quant {scheme}: the scheme leaves the weights unquantized")
         wq = r.resolved_quant().weights.model_copy(update={"algorithm": "gptq"})
         prompts = [self.adapter.prompt(load_image(s), s.question) for s in select_samples(data, n, seed)]
@@ -194,7 +194,7 @@ class Harness:
         recipe.check_against(spec.num_layers, self.adapter.n_visual(), self.adapter.module_names())
         return deployed_at(recipe, self.adapter)[1]  # with the calibrated weights file, if any
 
-    def _generate(self, dep, prompts, keep_fn_for=None, desc="eval") -> RunResult:
+    def _generate(self, dep, prompts, keep_fn_for=None, desc="eval") -> MethodRun:
         from tqdm import tqdm
 
         answers, logps = [], []
@@ -204,17 +204,17 @@ class Harness:
             answers.append(self.tokenizer.decode(toks, skip_special_tokens=True).strip())
             logps.append(torch.log_softmax(out.logits.double().flatten(), dim=-1))
         spec = dep.spec
-        return RunResult(answers, torch.stack(logps), _mean_kept(dep.cfg.stages, self.adapter.n_visual(), spec.num_layers))
+        return MethodRun(answers, torch.stack(logps), _mean_kept(dep.cfg.stages, self.adapter.n_visual(), spec.num_layers))
 
     # -- runs
-    def fp_reference(self) -> RunResult:
+    def fp_reference(self) -> MethodRun:
         """FP, full tokens, real images; cached in memory per model + bench + samples."""
         if self.key not in _FP_CACHE:
             _FP_CACHE[self.key] = self._generate(self.deployed("fp"), self.prompts(False), desc="eval fp reference")
         return _FP_CACHE[self.key]
 
     def run(self, method: str, quant: str | None = None, budget: float | None = None, recipe=None,
-            blank: bool = False, merge: bool = False) -> RunResult:
+            blank: bool = False, merge: bool = False) -> MethodRun:
         """`merge` (stage-wise baselines only): dropped tokens are merged into their most similar
         kept token, in the FP selection pass and in the quantized model (a recipe says it with
         `pruning.merge`)."""
@@ -264,7 +264,7 @@ class Harness:
                               desc=f"eval {method}{' + merge' if merge else ''} {quant}")
 
     # -- metrics
-    def score(self, res: RunResult) -> dict:
+    def score(self, res: MethodRun) -> dict:
         tasks = [s.task for s in self.samples]
         correct = [is_correct(a, s.answer, s.options) for a, s in zip(res.answers, self.samples)]
         ref = self.fp_reference()

@@ -1,4 +1,4 @@
-"""GPTQ weights calibrated on the token streams the deployed model really produces (DESIGN §4).
+"""GPTQ weights calibrated on the token streams the deployed model really produces (docs/design.md §4).
 
     prompts --embed--> h_0 of every calibration sample
     for layer l = 0 .. L-1 (sequentially, as GPTQ and llm-compressor do):
@@ -79,7 +79,7 @@ def initial_states(dep: Deployed, prompts) -> list[State]:
 @torch.no_grad()
 def step(dep: Deployed, layer: int, st: State) -> State:
     """Layer `layer` of `Deployed.prefill` (pruning stage at that layer included) on one sample."""
-    from quota_export.prune.topk import stable_topk
+    from quota_export.ops.gather import stable_topk
 
     h, pos, start, n, cnt = st.h, st.pos, st.start, st.n, st.cnt
     stage = dep.stage_at.get(layer)

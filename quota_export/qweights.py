@@ -103,8 +103,6 @@ def save_qweights(path: str | Path, qweights: dict[str, QWeight], meta: dict) ->
 def load_qweights(recipe, adapter, cfg) -> dict[str, QWeight]:
     """The recipe's calibrated weights, checked against the recipe (`cfg` = its DeployConfig) and
     the model; any problem -> one UserError line."""
-    from quota_export.reference import quantized_module_names
-
     wq = recipe.resolved_quant().weights
     if wq.calibrated is None:
         raise UserError(
@@ -142,7 +140,7 @@ def load_qweights(recipe, adapter, cfg) -> dict[str, QWeight]:
         raise bad(f"made for group_size {meta.get('group_size')}, the recipe has {wq.group_size}")
 
     mods = dict(adapter.model.named_modules())
-    names = quantized_module_names(list(mods), cfg)
+    names = cfg.weights.quantized(list(mods))
     have = sorted({k.rsplit(".", 1)[0] for k in tensors})
     missing = [n for n in names if n not in have]
     extra = [n for n in have if n not in names]
@@ -182,7 +180,7 @@ def _check_module(n: str, tensors: dict, weight, wq, cfg, bad) -> QWeight:
         raise bad(f"{n}: codes outside the {wq.bits}-bit range [{lo}, {hi}]")
     if not (torch.isfinite(scale).all() and (scale > 0).all()):
         raise bad(f"{n}.scale: scales must be finite and positive")
-    sb = cfg.scale_bits(k)
+    sb = cfg.weights.scale_bits_for(k, cfg.a_bits)
     if sb is not None and not on_grid(scale, sb):
         raise bad(f"{n}.scale: scales are not on the exact-accumulation grid (m * 2^e, m < 2^{sb}, one e per row)")
     return QWeight(q=q, scale=scale, zero_point=zp, bits=wq.bits, group_size=g)

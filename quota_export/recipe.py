@@ -133,6 +133,10 @@ class WeightQuant(BaseModel):
 
         return exact_scale_bits(in_features, self.bits, self.symmetric, act_bits)
 
+    def quantized(self, module_names: list[str]) -> list[str]:
+        """Names (in the given order) of the modules whose weights are quantized; none if bits == 16."""
+        return [] if self.bits == 16 else [n for n in module_names if self.selects(n)]
+
     def selects(self, module_name: str) -> bool:
         """True if the module is quantized: matched by some target and by no ignore pattern."""
         return any(re.search(p, module_name) for p in self.targets) and not any(
@@ -143,7 +147,7 @@ class WeightQuant(BaseModel):
 class ActQuant(BaseModel):
     model_config = _CONFIG
     bits: Literal[4, 8, 16] = 4  # 16 = not quantized
-    granularity: Literal["token", "tensor"] = "token"  # token: dynamic per-token sym; tensor: static per-tensor
+    granularity: Literal["token"] = "token"  # dynamic per-token symmetric (the only one implemented)
     rotation: Literal["none", "hadamard"] = "none"
 
 
@@ -239,7 +243,7 @@ SIGNALS = ("magnitude", "attention", "risk", "diversity")  # the pruning score's
 
 class ScoreWeights(BaseModel):
     """Per-stage score weights: s = w_m m/sigma_m + w_a a/sigma_a - w_r r/sigma_r + w_d d/sigma_d
-    (each >= 0; DESIGN §4: magnitude, attention, low-bit risk, diversity)."""
+    (each >= 0; docs/design.md §4: magnitude, attention, low-bit risk, diversity)."""
 
     model_config = _CONFIG
     magnitude: float = Field(0.0, ge=0)
@@ -295,7 +299,7 @@ class Pruning(BaseModel):
     tie: Literal["lower_index"] = "lower_index"
     method: str = "quota"
     # "proportional": a dropped token is merged into its most similar kept token, whose attention
-    # logits then get + log(tokens it stands for) (DESIGN §4); "none": dropped tokens vanish
+    # logits then get + log(tokens it stands for) (docs/design.md §4); "none": dropped tokens vanish
     merge: Literal["none", "proportional"] = "none"
 
     @model_validator(mode="after")
@@ -377,7 +381,6 @@ class Export(BaseModel):
     model_config = _CONFIG
     opset: int = Field(21, ge=21)
     targets: list[Literal["onnx", "tensorrt"]] = Field(default_factory=lambda: ["onnx"])
-    gather: Literal["onnx", "plugin"] = "onnx"
     max_seq: int = Field(256, gt=0)
     max_new_tokens: int = Field(8, gt=0)
     # Image sizes [H, W] to build graphs for (one set each, k per stage from the fractions);
@@ -503,11 +506,6 @@ class Recipe(BaseModel):
             for i, pat in enumerate(getattr(w, field)):
                 if not any(re.search(pat, n) for n in module_names):
                     raise UserError(f"quant.weights.{field}.{i}: pattern {pat!r} matches no module of the model")
-
-    def quantized_modules(self, module_names: list[str]) -> list[str]:
-        """Names (in the given order) of the modules whose weights are quantized; none if bits == 16."""
-        w = self.resolved_quant().weights
-        return [] if w.bits == 16 else [n for n in module_names if w.selects(n)]
 
     # -- serialisation
 

@@ -49,12 +49,11 @@ def test_fastv_layer_and_budget_one():
 def deps(tiny_llava):
     from quota_export import models
     from quota_export.data import load_bench, load_image
-    from quota_export.recipe import DEFAULT_TARGETS
     from quota_export.reference import DeployConfig, Deployed
 
     ad = models.load(tiny_llava)
     fp = Deployed(ad, DeployConfig())
-    q = Deployed(ad, DeployConfig(w_bits=4, a_bits=4, kv_bits=4, targets=list(DEFAULT_TARGETS)))
+    q = Deployed(ad, DeployConfig.of("w4a4kv4"))
     prompts = [ad.prompt(load_image(s), s.question) for s in load_bench("calib_data/shapes/calib.jsonl", limit=2)]
     return ad, fp, q, prompts
 

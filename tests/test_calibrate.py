@@ -93,12 +93,11 @@ def test_fast_path_equals_reference_prefill(tiny_llava, merge):
     from quota_export import models
     from quota_export.data import load_bench, load_image
     from quota_export.prune.baselines import restaged
-    from quota_export.recipe import DEFAULT_TARGETS
     from quota_export.calibrate import MAXMIN, select_of
     from quota_export.reference import DeployConfig, Deployed, StageCfg
 
     ad = models.load(tiny_llava)
-    dep = Deployed(ad, DeployConfig(w_bits=4, a_bits=4, kv_bits=4, targets=list(DEFAULT_TARGETS), merge=merge))
+    dep = Deployed(ad, DeployConfig.of("w4a4kv4", merge=merge))
     prompts = [ad.prompt(load_image(s), s.question) for s in load_bench(DATA, limit=2)]
     ev = Evaluator(dep, prompts)
     cand = ((1, 40, (0.5, 1.0, 0.5, 1.0)), (2, 20, (1.0, 1.0, 1.0, 0.0)), (3, 7, (0.0, 1.0, 0.0, 2.0)))

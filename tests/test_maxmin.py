@@ -17,7 +17,7 @@ from calib_data.shapes import make_sample, render
 from quota_export import models
 from quota_export.lower.decoder import DecoderLowering
 from quota_export.prune.selectors import divprune, maxmin_order
-from quota_export.recipe import DEFAULT_TARGETS, Recipe
+from quota_export.recipe import Recipe
 from quota_export.reference import DeployConfig, Deployed, StageCfg
 from quota_export.verify import sqnr_db
 
@@ -69,8 +69,7 @@ def adapter(tiny_llava):
 
 
 def deployed(adapter, stages, merge=False, fp64=True):
-    return Deployed(adapter, DeployConfig(w_bits=4, a_bits=4, kv_bits=4, targets=list(DEFAULT_TARGETS),
-                                          stages=list(stages), merge=merge, fp64=fp64))
+    return Deployed(adapter, DeployConfig.of("w4a4kv4", stages=list(stages), merge=merge, fp64=fp64))
 
 
 def test_reference_keeps_the_maxmin_picks_of_the_code_cosine(adapter):
@@ -80,8 +79,7 @@ def test_reference_keeps_the_maxmin_picks_of_the_code_cosine(adapter):
     pr = adapter.prompt(render(scene), q["question"])
     emb, pos, s0, n = dep.embed_prompt(pr), pr.positions(), pr.visual_start, pr.n_visual
     out = dep.prefill(emb, pos, s0, n)
-    _, (xq, _), *_ = dep.qkv(0, emb.float(), pos)
-    want = torch.sort(maxmin_order(dep._cosine(xq, s0, n), 40)).values
+    want = torch.sort(maxmin_order(dep.cosine(0, emb.float(), pos, s0, n), 40)).values
     assert torch.equal(out.kept[0], want)
     sc = out.scores[0]
     assert sorted(sc[0][sc[0] > 0].tolist()) == list(range(1, 41))  # the picks ranked k..1, the rest 0

@@ -16,7 +16,6 @@ import torch
 from calib_data.shapes import make_sample, render
 from quota_export import models
 from quota_export.lower.decoder import DecoderLowering
-from quota_export.recipe import DEFAULT_TARGETS
 from quota_export.reference import DeployConfig, Deployed, StageCfg, decode_position
 from quota_export.runtime.ort import SESSION_CONFIG
 from quota_export.verify import sqnr_db
@@ -36,8 +35,7 @@ def adapter(tiny_llava):
 
 
 def deployed(adapter, merge=True, stages=STAGES):
-    return Deployed(adapter, DeployConfig(w_bits=4, a_bits=4, kv_bits=4, targets=list(DEFAULT_TARGETS),
-                                          stages=list(stages), merge=merge))
+    return Deployed(adapter, DeployConfig.of("w4a4kv4", stages=list(stages), merge=merge))
 
 
 def counts_of(out, dep, start):

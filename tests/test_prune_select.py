@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 
 from quota_export.prune.selectors import cosine_distance, divprune, random_keep
-from quota_export.prune.topk import stable_topk
+from quota_export.ops.gather import stable_topk
 
 torch.set_num_threads(1)
 
@@ -247,10 +246,11 @@ def test_diversity_signal_matches_numpy_and_scores_repeats_zero(tiny_llava, a_bi
     import numpy as np
 
     from quota_export import models
-    from quota_export.recipe import DEFAULT_TARGETS
+    from quota_export.recipe import ActQuant, KVQuant, ResolvedQuant, WeightQuant
     from quota_export.reference import DeployConfig, Deployed
 
-    cfg = DeployConfig(w_bits=4, a_bits=a_bits, targets=list(DEFAULT_TARGETS)) if a_bits < 16 else DeployConfig()
+    quant = ResolvedQuant(weights=WeightQuant(bits=4), activations=ActQuant(bits=a_bits), kv_cache=KVQuant(bits=16))
+    cfg = DeployConfig(quant=quant) if a_bits < 16 else DeployConfig()
     dep = Deployed(models.load(tiny_llava), cfg)
     torch.manual_seed(0)
     start, n, T, D = 2, 9, 14, dep.spec.hidden
@@ -259,7 +259,7 @@ def test_diversity_signal_matches_numpy_and_scores_repeats_zero(tiny_llava, a_bi
     h[0, start + 7] = 3.0 * h[0, start + 1]  # same direction, other magnitude
     pos = torch.arange(T)[None]
     _, _, _, div = dep.signals(1, h, pos, start, n)
-    xn, (xq, xs), *_ = dep.qkv(1, h, pos)
+    xq, xs = dep.qkv(1, h, pos).x
     f = xq[0, start : start + n].double().numpy()
     if a_bits < 16:
         assert xs is not None and (f == np.round(f)).all() and np.abs(f).max() <= 8

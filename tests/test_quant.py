@@ -17,13 +17,11 @@ from quota_export.quant.hadamard import (
 from quota_export.quant.quantizers import (
     EPS,
     dequantize,
-    fake_quant_act,
-    fake_quant_kv,
-    kv_quantize,
     qrange,
     quantize,
     quantize_weight,
 )
+from quota_export.ops.act_quant import fake_quant_act
 from quota_export.quant.rtn import rtn
 from quota_export.recipe import GPTQArgs, WeightQuant
 
@@ -46,12 +44,6 @@ def np_quant(x, scale, zp, bits, signed):
     return np.clip(q, lo, hi).astype(F32)
 
 
-def np_act(x, bits):
-    _, hi = np_qrange(bits, True)
-    s = np.maximum(np.abs(x).max(-1, keepdims=True), F32(EPS)) / F32(hi)
-    return np_quant(x, s, None, bits, True) * s
-
-
 def np_weight(w, bits, symmetric, g):
     out, n = w.shape
     blocks = w.reshape(out, n // g, g)
@@ -68,18 +60,6 @@ def np_weight(w, bits, symmetric, g):
     Z = None if z is None else np.repeat(z, g, axis=1)
     q = np_quant(w, S, Z, bits, symmetric)
     return q, s, z, (q * S if Z is None else (q - Z) * S)
-
-
-def np_kv(x, bits, g):
-    *lead, d = x.shape
-    _, hi = np_qrange(bits, False)
-    blocks = x.reshape(*lead, d // g, g)
-    mn, mx = np.minimum(blocks.min(-1), F32(0)), np.maximum(blocks.max(-1), F32(0))
-    s = np.maximum(mx - mn, F32(EPS)) / F32(hi)
-    z = np.clip(np.rint(-mn / s), 0, hi).astype(F32)
-    S, Z = np.repeat(s, g, axis=-1), np.repeat(z, g, axis=-1)
-    q = np_quant(x, S, Z, bits, False)
-    return q, s, z, (q - Z) * S
 
 
 def randn(*shape, seed=0, scale=1.0):
@@ -113,24 +93,6 @@ def test_qrange_rejects_other_widths():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_act_per_token_matches_numpy(bits):
-    x = randn(3, 5, 64, seed=1)
-    x[0, 0] = 0.0  # all-zero token: zeros, not NaN
-    x[1, 2, 7] = 40.0  # outlier
-    got = fake_quant_act(x, bits)
-    np.testing.assert_array_equal(got.numpy(), np_act(x.numpy(), bits))
-    assert torch.all(got[0, 0] == 0)
-
-
-def test_act_static_per_tensor_matches_numpy():
-    x = randn(4, 32, seed=2, scale=3.0)
-    s = torch.tensor(0.25)
-    got = fake_quant_act(x, 4, static_scale=s)
-    want = np_quant(x.numpy(), F32(0.25), None, 4, True) * F32(0.25)
-    np.testing.assert_array_equal(got.numpy(), want)
-
-
-@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group", [8, 32, 64])  # 64 = in-features: per-channel
 def test_weight_matches_numpy(bits, symmetric, group):
@@ -149,25 +111,6 @@ def test_weight_matches_numpy(bits, symmetric, group):
     np.testing.assert_array_equal(qw.dequant().numpy(), dq)
     lo, hi = qrange(bits, symmetric)
     assert qw.q.min() >= lo and qw.q.max() <= hi
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("group", [4, 16])
-def test_kv_matches_numpy(bits, group):
-    x = randn(2, 3, 5, 16, seed=4)
-    x[0, 0, 0, :] = x[0, 0, 0, :].abs() + 10.0  # all-positive token: no saturation
-    x[0, 1, 0, :] = -x[0, 1, 0, :].abs() - 3.0  # all-negative token
-    x[1, 2, 3, :] = 0.0
-    q, s, z = kv_quantize(x, bits, group)
-    nq, ns, nz, ndq = np_kv(x.numpy(), bits, group)
-    assert q.dtype == torch.uint8 and z.dtype == torch.uint8
-    np.testing.assert_array_equal(q.float().numpy(), nq)
-    np.testing.assert_array_equal(s.numpy(), ns)
-    np.testing.assert_array_equal(z.float().numpy(), nz)
-    fq = fake_quant_kv(x, bits, group)
-    np.testing.assert_array_equal(fq.numpy(), ndq)
-    step = s.repeat_interleave(group, dim=-1)
-    assert torch.all((fq - x).abs() <= step / 2 + 1e-6)  # within half a step everywhere (no saturation)
 
 
 def test_dequantize_asym():
@@ -455,7 +398,7 @@ def test_exact_accumulation_matches_onnxruntime_4bit_kernel():
     import onnxruntime as ort
     from onnx import TensorProto
 
-    from quota_export.lower.graph import Graph
+    from quota_export.ops.graph import Graph
     from quota_export.quant.quantizers import exact_scale_bits
 
     g = torch.Generator().manual_seed(2)

@@ -126,11 +126,11 @@ def test_check_against_ok(names):
 
 def test_quantized_modules(names):
     r = Recipe.model_validate(base())
-    got = r.quantized_modules(names)
+    got = r.resolved_quant().weights.quantized(names)
     assert len(got) == 7 * N_LAYERS
     assert "model.language_model.layers.3.mlp.down_proj" in got
     assert not any("vision_tower" in n or "lm_head" in n for n in got)
-    assert Recipe.model_validate(mutate(quant={"scheme": "fp"})).quantized_modules(names) == []
+    assert Recipe.model_validate(mutate(quant={"scheme": "fp"})).resolved_quant().weights.quantized(names) == []
 
 
 # ---------------------------------------------------------------- file-level errors
@@ -427,7 +427,7 @@ def full() -> Recipe:
         "versions": {"torch": "2.13.0", "transformers": "5.23.0"},
         "notes": "yes: no\n# not a comment",
     }
-    d["export"] = {"targets": ["onnx", "tensorrt"], "gather": "plugin"}
+    d["export"] = {"targets": ["onnx", "tensorrt"], "reductions": "fp32"}
     return Recipe.model_validate(d)
 
 
@@ -481,3 +481,10 @@ def test_content_hash_preset_equals_spelled_out():
     a = Recipe.model_validate(base())
     b = Recipe.model_validate(mutate(quant=copy.deepcopy(spelled)))
     assert a.content_hash() == b.content_hash()
+
+
+def test_refused_knobs_are_schema_errors(tmp_path):
+    """Knobs the code never read are gone from the schema: a recipe naming them is one error line."""
+    assert load_error(tmp_path, mutate(export={"gather": "plugin"})).startswith("export.gather")
+    msg = load_error(tmp_path, mutate(quant={"scheme": "w4a4kv4", "activations": {"bits": 4, "granularity": "tensor"}}))
+    assert msg.startswith("quant.activations.granularity")

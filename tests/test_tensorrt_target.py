@@ -3,6 +3,8 @@ inlined to standard ops) match the reference on ONNX Runtime. Engines need Tenso
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,6 +15,7 @@ from calib_data.shapes import make_sample, render
 from conftest import ROOT
 from quota_export import models
 from quota_export.lower import onnx_target, tensorrt_target
+from quota_export.recipe import ActQuant, KVQuant, ResolvedQuant, WeightQuant
 from quota_export.reference import DeployConfig, Deployed, StageCfg
 from quota_export.verify import sqnr_db
 
@@ -31,8 +34,10 @@ def tiny128(tmp_path_factory):
 def deployed(adapter, kv_bits=4, merge=False, first="topk"):
     """`first`: the first stage (topk: attention score at layer 1; maxmin: max-min selection at layer 0)."""
     w0 = (0.0, 1.0, 0.0, 0.0) if first == "topk" else (0.0, 0.0, 0.0, 0.0)
+    quant = ResolvedQuant(weights=WeightQuant(bits=4, group_size=64, targets=TARGETS, ignore=["lm_head"]),
+                          activations=ActQuant(bits=4), kv_cache=KVQuant(bits=kv_bits))
     cfg = DeployConfig(
-        w_bits=4, w_group=64, targets=TARGETS, ignore=["lm_head"], a_bits=4, kv_bits=kv_bits, merge=merge,
+        quant=quant, merge=merge,
         stages=[StageCfg(1 if first == "topk" else 0, 72, w0, (1.0, 1.0, 1.0, 1.0), first),
                 StageCfg(3, 20, (1.0, 1.0, 1.0, 1.0), (10.0, 0.01, 1.0, 0.5))],
     )  # fmt: skip
@@ -48,8 +53,8 @@ def session(model):
 
 
 def test_tensorrt_target_lowers_fp32_reductions(tiny128):
-    """TensorRT has no FP64: the target switches the reference to fp32 reductions, and no graph
-    computes in FP64 (while the onnx target of the same recipe does)."""
+    """TensorRT has no FP64: the target lowers with fp32 reductions (leaving the given Deployed as
+    it is), and no graph computes in FP64 (while the onnx target of the same recipe does)."""
     from quota_export.lower.trt_check import check_model
 
     dep = deployed(tiny128)
@@ -57,7 +62,8 @@ def test_tensorrt_target_lowers_fp32_reductions(tiny128):
     onnx_fp64 = [v for v in check_model(onnx_target.lower(dep, 3, 21)["prefill.onnx"]) if v.rule == "fp64"]
     assert onnx_fp64  # the checker sees the onnx target's FP64 reductions
     graphs = tensorrt_target.lower(dep, 3, 21)
-    assert not dep.cfg.fp64 and dep.hp == torch.float32
+    assert dep.cfg.fp64 and dep.hp == torch.float64  # a precision is a value: `dep` is unchanged
+    assert dep.with_reductions(False).hp == torch.float32 and dep.with_reductions(False).W is dep.W
     for name, m in graphs.items():
         assert [v for v in check_model(m) if v.rule == "fp64"] == [], name
 
@@ -77,7 +83,7 @@ def test_tensorrt_graphs_pass_checker_and_match_reference(tiny128, kv_bits, merg
     assert ("Or" in ops) == (first == "maxmin")  # the unrolled max-min steps, checked above too
     sess = session(tensorrt_target.inline_token_gathers(prefill))
     names = [o.name for o in sess.get_outputs()]
-    dep.set_reductions(fp64=True)  # the exact reference, as `build` checks against
+    dep = dep.with_reductions(True)  # the exact reference, as `build` checks against
     for seed in range(4):
         scene, q = make_sample(seed)
         pr = tiny128.prompt(render(scene), q["question"])
@@ -106,7 +112,8 @@ def test_onnx_target_graphs_are_rejected(tiny128):
 
 def test_group_32_is_rejected_for_tensorrt(tiny128):
     dep = deployed(tiny128)
-    dep32 = Deployed(tiny128, DeployConfig(**{**dep.cfg.__dict__, "w_group": 32}))
+    quant = dep.cfg.quant.model_copy(update={"weights": dep.cfg.weights.model_copy(update={"group_size": 32})})
+    dep32 = Deployed(tiny128, dataclasses.replace(dep.cfg, quant=quant))
     v = tensorrt_target.violations({"prefill.onnx": tensorrt_target.lower(dep32, 3, 21)["prefill.onnx"]})
     assert any("int4-block" in x for x in v)
 

@@ -3,6 +3,8 @@ the batches of earlier steps exactly as they were (a resumed run sees the same d
 
 import random
 
+import pytest
+
 from calib_data.shapes import make_scene
 from calib_data.shapes.model import build_tokenizer
 from calib_data.shapes.train import locate, make_example, spatial_drill
@@ -141,15 +143,19 @@ def vocab_words(vocab, ids):
     return [inv[i] for i in ids]
 
 
+@pytest.mark.slow
 def test_export_writes_the_saved_state_as_a_loadable_folder(tmp_path, capsys):
+    """Two training steps save a state (the training state is not shipped); --export writes it as a
+    loadable HF folder."""
     import json
-    from pathlib import Path
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from calib_data.shapes.train import main
 
-    state = Path(__file__).resolve().parents[1] / "models" / "shapes-llava-train"
+    state = tmp_path / "state"
+    assert main(["--out", str(tmp_path / "m0"), "--state", str(state), "--stop-after", "2", "--batch", "2",
+                 "--save-every", "1", "--eval-every", "100000", "--threads", "1"]) == 0
     assert main(["--export", "--state", str(state), "--out", str(tmp_path / "m")]) == 0
     step = json.loads((state / "state.json").read_text())["step"]
     assert json.loads((tmp_path / "m" / "training.json").read_text())["step"] == step

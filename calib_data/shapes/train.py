@@ -1,72 +1,26 @@
 """Train the shipped shapes VLM from scratch, resumably: `python -m calib_data.shapes.train`.
 
-Recipe (all settings are the CLI defaults below and are written into the model folder):
-- data: scenes drawn on the fly from seeds below TRAIN_SEED_LIMIT (the shipped test and calib
-  splits use seeds above it), a deterministic function of the step, so a resumed run sees the
-  same batches it would have seen without the stop;
-- 1/4 of each batch is captioning ("describe image" -> every object with colour, kind, row and
-  col: 10-40 supervised tokens per image, LLaVA's stage-1 idea), 3/4 visual questions, one of
-  the six task types round-robin;
-- from step --locate-from (4000) on, --locate-frac (0.2) of the non-caption examples are
-  "describe <colour> <kind>" -> "row r col c" of the one object with both, or "no" for a colour
-  and a kind present only apart (a training-only task, see `locate`): by step 4000 the model read
-  objects by place (attribute 0.96) but never learnt the colour+kind binding existence needs
-  (it answered "no" to every existence question); before that step the data is as it was;
-- from step --spatial-from (9000) on, --spatial-frac (0.25) of the remaining question examples
-  are spatial drills (see `spatial_drill`): half the benchmark's own spatial question, half a
-  training-only "describe <a> relative to <b>" -> "row r col c row r' col c' <relation>" that
-  spells out both places before the relation. By step 9000 every other type had climbed
-  (exist 0.94, choice 0.98, count 0.78 on validation) while spatial stayed at chance (0.18-0.32
-  since step 3000) on its 1/6 share of the questions;
-- from step --twice-from (13000) on, prompts use the "twice" layout (calib_data/shapes/model.py):
-  the question also before the image, so visual tokens can condition on it. By step 12500 spatial
-  was still at chance (0.24) after 3500 steps of drills; measured on that state, the model found a
-  named object's place only half the time (teacher-forced "describe <colour> <kind>": row 0.44,
-  col 0.53) and predicted "right"/"below" for most spatial questions whatever the truth: reading
-  an object's place out of 144 visual tokens that cannot see the question is what fails. The
-  saved model folder's chat template is the layout of the step it was saved at;
-- from step --slot-from (16500) on, the "slot" layout: as "twice", with the copy before the image
-  left-padded to a fixed 24 words, so the image starts at the same token whatever the question
-  (the exported graphs take the image at one fixed position; with "twice" it moved with the
-  question's length and `build` refused the prompts). Validation under "twice": spatial 0.20,
-  0.38, 0.48, 0.44, 0.34, 0.32 at steps 13500-16000, the other types unchanged (not a clear rise);
-- from step --probe-from (17000) on, an auxiliary probe on spatial examples (the benchmark's
-  question and the drill): linear heads read the last prompt token's hidden state after decoder
-  layer --probe-layer (3) and must name both objects' row and col (see `spatial_places`). Measured
-  on the step-17000 state (200 validation spatial questions): accuracy 0.385 with the axis mostly
-  right and the direction at chance (not one "above" answered right, 38 of 61 answered "below"),
-  while teacher-forced on the drill the model named each place 0.77-0.82 and, given both
-  places as tokens, the relation 1.00: it can find each object and can compare two places, but
-  does not bring both places to one token in time to compare them. The probe asks for exactly
-  that, with the top three layers left for the comparison; its heads are not part of the saved
-  model;
-- from step --roles-from (19750) on, an auxiliary role loss on the visual tokens: on every
-  spatial example a linear head reads each visual token's hidden state after decoder layer
-  --roles-layer (2) and must say whether its patch belongs to the first named object, the second
-  or neither (on a locate example: the named object or not; see `role_labels`). Measured on the
-  step-18500 state: validation spatial 0.365, the direction still at chance (61 "above"
-  questions: 38 answered "below", 0 right; 57 "left": 37 "right"), and the probe read the places
-  from layer 3 at row 0.64, col 0.28 (chance 0.17). With the question before the image, the later
-  of the two objects in raster order can see the earlier one, and raster order is the direction
-  (later in the same row = right, in the same column = below); what it must know is which object
-  is which, and that is what this loss asks for. Its head is not part of the saved model;
-- an auxiliary dense loss on the projector outputs (per patch: colour, kind, digit, row, col of
-  its cell), the labels the generator knows for free; its heads are not part of the saved model;
-- init: text embeddings at std 1 and projector output rescaled to RMS 1, so image tokens do not
-  drown the question in the residual stream;
-- LM loss: mean over each sample's supervised tokens, then over the batch (a one-word answer
-  weighs as much as a caption);
-- AdamW, lr 1e-3, 300 warm-up steps, cosine to 1e-4 over the first --phase2-from (24000) steps,
-  batch 32, clip 1.0;
-- phase 2, from step --phase2-from (24000) to --total-steps: the cosine restarts (100 warm-up
-  steps to --phase2-lr 5e-4, down to a tenth of it) and --phase2-spatial-frac (0.5) of the
-  question examples are spatial drills. At step 24000 every type but spatial was at 0.94-1.00 on
-  validation while spatial had climbed from 0.34 to 0.58 over the 4000 steps since the role loss
-  started (test split: 0.465) on a quarter of the questions and a decaying lr.
+Every setting is a CLI default below and is written into the model folder (`training.json`); the
+model card (models/shapes-llava/README.md) says why each training-only task was added and when.
+
+- data: scenes drawn on the fly from seeds below TRAIN_SEED_LIMIT (the shipped splits use seeds
+  above it), a deterministic function of the step, so a resumed run sees the same batches;
+- 1/4 of each batch captions ("describe image"), 3/4 visual questions of the six task types,
+  round-robin; from given steps on, training-only tasks take a share of the questions: `locate`
+  (--locate-from), spatial drills (`spatial_drill`, --spatial-from), and the prompt layouts
+  "twice" / "slot" (the question also before the image, padded to a fixed slot; --twice-from,
+  --slot-from; calib_data/shapes/model.py);
+- auxiliary losses whose heads are not saved: a dense loss on the projector outputs (per patch:
+  colour, kind, digit, row, col), a spatial probe (`spatial_places`, --probe-from) and a role loss
+  on the visual tokens (`role_labels`, --roles-from);
+- init: text embeddings at std 1, projector output rescaled to RMS 1; LM loss per sample, then
+  per batch; AdamW, lr 1e-3, 300 warm-up steps, cosine to 1e-4 over --phase2-from steps, batch
+  32, clip 1.0; phase 2 (--phase2-from .. --total-steps) restarts the cosine at --phase2-lr with
+  --phase2-spatial-frac of the questions spatial drills.
 
 Checkpoints (model + optimizer + step) go to --state every --save-every steps; a run restarted
 with the same --state resumes. The HF folder (--out) is refreshed at every evaluation, and
-`--export` writes it from the saved state alone (e.g. to ship the last checkpoint).
+`--export` writes it from the saved state alone.
 """
 
 from __future__ import annotations

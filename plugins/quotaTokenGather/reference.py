@@ -8,7 +8,7 @@
 Selection (ONNX TopK with largest=1, sorted=1, then the k indices sorted ascending):
 visual token i is kept iff rank_i < k, rank_i = #{j : s_j > s_i or (s_j == s_i and j < i)}.
 -0.0 equals +0.0; NaN ranks as -inf (tied with -inf and with other NaNs, lower index first),
-the same rule as `quota_export.prune.topk.stable_topk`.
+the same rule as `quota_export.ops.gather.stable_topk`.
 """
 
 from __future__ import annotations

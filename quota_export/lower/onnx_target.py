@@ -10,6 +10,7 @@ import io
 import warnings
 
 import onnx
+from quota_export import __version__
 from onnx import version_converter
 import torch
 
@@ -37,7 +38,7 @@ def vision_graph(adapter, opset: int) -> onnx.ModelProto:
     m = onnx.load_from_string(buf.getvalue())
     if opset > 20:
         m = version_converter.convert_version(m, opset)
-    m.producer_name, m.producer_version = "quota_export", "0.1.0"
+    m.producer_name, m.producer_version = "quota_export", __version__
     return m
 
 

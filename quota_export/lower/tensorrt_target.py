@@ -7,7 +7,7 @@
 - every graph passes lower/trt_check.py (TensorRT's documented operator rules) before it is saved.
 
 ONNX Runtime cannot run the plugin, so `inline_token_gathers` swaps each plugin node for the
-standard-op gather (lower/gather_onnx.py) with the same inputs and outputs: that is how these
+standard-op gather (ops/gather.py) with the same inputs and outputs: that is how these
 graphs' numerics are checked against reference.py on a machine without a GPU.
 
 Engines (`build_engines`) need `tensorrt` and an NVIDIA GPU; neither exists on the development
@@ -22,17 +22,17 @@ import onnx
 from onnx import helper
 
 from quota_export.lower.decoder import DecoderLowering, embed_graph
-from quota_export.lower.gather_onnx import PLUGIN_DOMAIN, PLUGIN_OP, build_gather_subgraph
+from quota_export.ops.gather import PLUGIN_DOMAIN, PLUGIN_OP, build_gather_subgraph
 from quota_export.lower.onnx_target import vision_graph
 from quota_export.lower.trt_check import check_model
 from quota_export.reference import Deployed
 
 
 def lower(dep: Deployed, visual_start: int, opset: int) -> dict[str, onnx.ModelProto]:
-    """The four graphs for TensorRT. TensorRT has no FP64, so this switches `dep` to fp32
-    reductions first (`Deployed.set_reductions`): check these graphs against that same `dep`."""
+    """The four graphs for TensorRT. TensorRT has no FP64: they are lowered from `dep` with fp32
+    reductions (`Deployed.with_reductions`); `dep` itself is left as it is."""
     adapter = dep.adapter
-    dep.set_reductions(fp64=False)
+    dep = dep.with_reductions(False)
     n = adapter.n_visual()
     graphs = {
         "vision.onnx": vision_graph(adapter, opset),

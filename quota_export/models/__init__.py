@@ -30,14 +30,6 @@ def register(arch: str):
     return deco
 
 
-def first_line(e: BaseException, limit: int = 240) -> str:
-    """An exception's message squeezed onto one line (or its type name), for one-line errors."""
-    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    if not msg:
-        return type(e).__name__
-    return msg if len(msg) <= limit else msg[: limit - 3].rstrip() + "..."
-
-
 @contextlib.contextmanager
 def quiet_hf():
     """Silence transformers' load-time chatter (weight-loading bars, load reports, backend hints).

@@ -90,7 +90,7 @@ class Adapter:
         """Checkpoint + processor of a local HF folder, every problem one UserError line; then
         `check` rejects what the adapter does not lower."""
         from quota_export import UserError
-        from quota_export.models import first_line
+        from quota_export import one_line
         from quota_export.models.loading import load_checkpoint, load_processor
 
         config_cls, model_cls = cls.hf_classes()
@@ -98,7 +98,7 @@ class Adapter:
         try:
             processor = load_processor(path)
         except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
-            raise UserError(f"{path}: cannot load processor / tokenizer ({first_line(e)})") from None
+            raise UserError(f"{path}: cannot load processor / tokenizer ({one_line(e)})") from None
         ad = cls(model, processor, path)
         ad.check()
         return ad

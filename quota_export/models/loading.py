@@ -12,7 +12,8 @@ import pickle
 from pathlib import Path
 
 from quota_export import UserError
-from quota_export.models import first_line, quiet_hf
+from quota_export import one_line
+from quota_export.models import quiet_hf
 
 # processor_class (processor_config.json) -> callable(path) building an equivalent processor from
 # the folder's tokenizer and image processor. transformers builds some processors (Qwen2-VL's) only
@@ -35,18 +36,18 @@ def load_checkpoint(path: Path, config_cls, model_cls, label: str):
         try:
             config = config_cls.from_pretrained(str(path))
         except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as e:
-            raise UserError(f"{cfg_file}: invalid {label} config ({first_line(e)})") from None
+            raise UserError(f"{cfg_file}: invalid {label} config ({one_line(e)})") from None
         try:
             model, info = model_cls.from_pretrained(
                 str(path), config=config, attn_implementation="eager",
                 ignore_mismatched_sizes=True, output_loading_info=True,  # mismatches are reported below
             )
         except SafetensorError as e:
-            raise UserError(f"{weights_file(path)}: corrupt or truncated weights ({first_line(e)})") from None
+            raise UserError(f"{weights_file(path)}: corrupt or truncated weights ({one_line(e)})") from None
         except (pickle.UnpicklingError, EOFError) as e:
-            raise UserError(f"{weights_file(path)}: corrupt weights ({first_line(e)})") from None
+            raise UserError(f"{weights_file(path)}: corrupt weights ({one_line(e)})") from None
         except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"{path}: cannot load weights ({first_line(e)})") from None
+            raise UserError(f"{path}: cannot load weights ({one_line(e)})") from None
     mismatched = sorted(info.get("mismatched_keys") or [])
     if mismatched:
         k, ckpt, want = mismatched[0]

@@ -3,7 +3,7 @@
     prompt --FP Deployed (same schedule, baseline selector on its OWN pruned stream)--> kept idx per stage
            --quantized Deployed.prefill/generate(keep_fn = replay of those indices)--> answer
 
-That is the stage-wise pipeline DESIGN §4 compares against: the pruning decisions come from a
+That is the stage-wise pipeline docs/design.md §4 compares against: the pruning decisions come from a
 model the deployment never runs. The FP scorer sees the FP model's own stream (its hidden states
 after its own earlier stages), not the quantized model's hidden states; the quantized model then
 drops exactly the tokens the FP model dropped. The quantizer is the scheme's RTN (which needs no
@@ -40,7 +40,7 @@ import torch
 
 from quota_export.prune.schedule import geometric_keeps
 from quota_export.prune.selectors import divprune, random_keep
-from quota_export.prune.topk import stable_topk
+from quota_export.ops.gather import stable_topk
 
 METHODS = ("fastv", "pdrop", "sparsevlm", "divprune", "random")
 PDROP_LAMBDA = 0.5
@@ -101,8 +101,8 @@ def schedule(method: str, n: int, L: int, budget: float) -> list[tuple[int, int]
 
 def _instruction_attention(dep, layer, h, pos, start, n):
     """Attention probs of the instruction queries (text after the span): [1, H, Tq, T]."""
-    _, _, q, kd, vd, _, _, _, _ = dep.qkv(layer, h, pos)
-    p, _ = dep.attend(q[:, :, start + n :], kd, vd, causal_offset=start + n)
+    a = dep.qkv(layer, h, pos)
+    p, _ = dep.attend(a.q[:, :, start + n :], a.k_cache, a.v_cache, causal_offset=start + n)
     return p
 
 

@@ -10,6 +10,8 @@ import random
 
 import torch
 
+from quota_export.ops.maxmin import maxmin_order
+
 # Elements (B * N * chunk * D) per slab when building the pairwise distance matrix.
 _SLAB = 1 << 22
 
@@ -81,43 +83,3 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     # max-min over distances == min-max over their negation (exact), the form maxmin_order takes
     order = maxmin_order(-cosine_distance(features), k)
     return torch.sort(order, dim=1).values.to(torch.int64)
-
-
-def maxmin_order(sim: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy max-min diversity selection on a similarity matrix: the order [B, k] (int64) in
-    which the k tokens are picked (not sorted).
-
-    `sim` [B, N, N]: sim[b, i, j] = similarity of token i to token j (need not be symmetric; the
-    rows are read as given, so a graph computing the same matrix picks the same tokens).
-
-    1. start: the token least similar to its most similar other token
-       (argmin_i max_{j != i} sim[i, j]);
-    2. then, k - 1 times: the not-yet-picked token least similar to the picked set
-       (argmin_i max_{s picked} sim[i, s]).
-
-    Every argmin takes the first minimum (the lower index wins ties); picked tokens are never
-    picked again. With N = 1 the start is token 0. This is DivPrune's selection with similarity
-    in place of distance (max-min distance = min-max similarity).
-    """
-    if not isinstance(sim, torch.Tensor) or sim.dim() != 3 or sim.shape[1] != sim.shape[2]:
-        raise ValueError("maxmin_order: sim must be a 3-D tensor [B, N, N]")
-    b, n, _ = sim.shape
-    k = int(k)
-    if not 0 <= k <= n:
-        raise ValueError(f"maxmin_order: k={k} out of range [0, {n}]")
-    if k == 0:
-        return torch.empty(b, 0, dtype=torch.int64)
-    rows = torch.arange(b)
-    eye = torch.eye(n, dtype=torch.bool)
-    nearest = sim.masked_fill(eye, float("-inf")).amax(dim=-1)  # [B, N]; -inf when N == 1
-    first = torch.argmin(nearest, dim=1)  # the first minimum
-    picked = torch.zeros(b, n, dtype=torch.bool)
-    picked[rows, first] = True
-    out = [first]
-    to_sel = sim[rows, :, first]  # [B, N]: similarity of every token to the picked set
-    for _ in range(k - 1):
-        nxt = torch.argmin(to_sel.masked_fill(picked, float("inf")), dim=1)
-        picked[rows, nxt] = True
-        out.append(nxt)
-        to_sel = torch.maximum(to_sel, sim[rows, :, nxt])
-    return torch.stack(out, dim=1).to(torch.int64)

@@ -2,7 +2,8 @@
 
 ONNX:  q = saturate(round_half_even(x / scale) + zero_point);  x' = (q - zero_point) * scale
 Here every scale is computed with the same fp32 ops, in the same order, as the graphs compute
-it (see lower/onnx_ops.py), so the reference and the graphs agree bit for bit.
+it (the ONNX forms in quota_export/ops/), so the reference and the graphs agree bit for bit. The
+activation and KV-cache quantizers live with their ONNX forms: ops/act_quant.py, ops/kv_cache.py.
 
     granularity     scale shape (x: [..., n])     used for
     per-token       [..., 1]  (dynamic, in-graph)  activations
@@ -45,28 +46,6 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point, bits: int, signed
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point=None) -> torch.Tensor:
     return (q - zero_point) * scale if zero_point is not None else q * scale
-
-
-# ---------------------------------------------------------------- activations
-
-
-def act_scale_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric per-token scale: max(|x|, EPS) / qmax over the last axis (keepdim)."""
-    _, hi = qrange(bits, True)
-    amax = x.abs().amax(dim=-1, keepdim=True)
-    return torch.clamp(amax, min=EPS) / float(hi)
-
-
-def quant_act(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token activation quantization: (integers as float, scale [..., 1])."""
-    s = act_scale_per_token(x, bits)
-    return quantize(x, s, None, bits, True), s
-
-
-def fake_quant_act(x: torch.Tensor, bits: int, static_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize-dequantize activations: dynamic per-token, or static per-tensor if a scale is given."""
-    s = act_scale_per_token(x, bits) if static_scale is None else static_scale
-    return dequantize(quantize(x, s, None, bits, True), s)
 
 
 # ---------------------------------------------------------------- weights
@@ -179,42 +158,3 @@ def quantize_weight(
         bits=bits,
         group_size=group_size,
     )
-
-
-# ---------------------------------------------------------------- KV cache
-
-
-def kv_params(x: torch.Tensor, bits: int, group_size: int):
-    """Asymmetric per-token scales over groups of the last axis: x [..., d] -> [..., d/g] each."""
-    *lead, d = x.shape
-    if d % group_size:
-        raise ValueError(f"head_dim {d} not divisible by kv group_size {group_size}")
-    _, hi = qrange(bits, False)
-    g = x.reshape(*lead, d // group_size, group_size)
-    # The range must contain 0: the zero point is an integer in [0, 2^bits - 1], so a group
-    # entirely above (below) zero would otherwise saturate to a single level.
-    mn = torch.clamp(g.amin(-1), max=0.0)
-    mx = torch.clamp(g.amax(-1), min=0.0)
-    scale = torch.clamp(mx - mn, min=EPS) / float(hi)
-    zp = torch.clamp(torch.round(-mn / scale), 0, hi)
-    return scale, zp
-
-
-def kv_quantize(x: torch.Tensor, bits: int, group_size: int):
-    """x [..., d] -> (q uint8 [..., d], scale fp32 [..., d/g], zero_point uint8 [..., d/g])."""
-    scale, zp = kv_params(x, bits, group_size)
-    s = scale.repeat_interleave(group_size, dim=-1)
-    z = zp.repeat_interleave(group_size, dim=-1)
-    q = quantize(x, s, z, bits, False)
-    return q.to(torch.uint8), scale, zp.to(torch.uint8)
-
-
-def kv_dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, group_size: int) -> torch.Tensor:
-    s = scale.repeat_interleave(group_size, dim=-1)
-    z = zp.float().repeat_interleave(group_size, dim=-1)
-    return (q.float() - z) * s
-
-
-def fake_quant_kv(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    q, s, z = kv_quantize(x, bits, group_size)
-    return kv_dequantize(q, s, z, group_size)

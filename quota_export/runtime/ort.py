@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quota_export import UserError
+from quota_export import UserError, one_line
 
 GRAPHS = ("vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx")
 
@@ -65,11 +65,6 @@ def ort_errors() -> tuple[type[BaseException], ...]:
     names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
              "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
     return tuple(c for c in (getattr(st, n, None) for n in names) if isinstance(c, type)) + (RuntimeError, ValueError)
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    msg = " ".join(x.strip() for x in str(e).splitlines() if x.strip()) or type(e).__name__
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 def _sha256(path: Path) -> str:
@@ -209,7 +204,7 @@ class OrtRunner:
                     src = inline_token_gathers(onnx.load(str(p))).SerializeToString()
                 self.sessions[g] = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
             except errors as e:
-                raise UserError(f"{p}: corrupt or unreadable graph ({_one_line(e)})") from None
+                raise UserError(f"{p}: corrupt or unreadable graph ({one_line(e)})") from None
         from quota_export.models.loading import load_processor
 
         proc = self.dir / "processor"
@@ -218,7 +213,7 @@ class OrtRunner:
         try:
             self.processor = load_processor(proc)
         except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
-            raise UserError(f"{proc}: cannot load processor ({_one_line(e)})") from None
+            raise UserError(f"{proc}: cannot load processor ({one_line(e)})") from None
         m = self.manifest["model"]
         self.visual_start, self.n_visual = m["visual_start"], m["n_visual"]
         self.image_size = tuple(m["image_size"])

@@ -1,8 +1,15 @@
-"""The per-stage visual-token gather, in standard ONNX ops or as the `quota::TokenGather` plugin node.
+"""The per-stage visual-token gather: keep the k best of the N visual rows [start, start+N) by
+score (ties: the lower index, as ONNX TopK defines it), in their original order; text rows pass
+through, position ids travel with their rows.
 
-Both lowerings compute the same thing (plugins/quotaTokenGather/reference.py is the rule):
-keep the k best of the N visual rows [start, start+N) by score (ties: lower index, as ONNX TopK
-defines it), in their original order; text rows pass through.
+    torch: stable_topk (the selection rule), gather_rows (rows and positions)
+    ONNX:  build_gather_subgraph (standard ops, the onnx target), build_plugin_node (one
+           `quota::TokenGather` node, the tensorrt target; plugins/quotaTokenGather/reference.py
+           is its numpy reference), make_gather_model (a standalone model around one gather)
+
+ONNX TopK (opset 11+) defines its tie order: among equal values the element with the lower
+index comes first. `torch.topk` promises no tie order, so the torch form never uses it; it takes
+a stable descending sort instead, which keeps equal scores in index order.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21
@@ -179,3 +187,41 @@ def make_gather_model(
     model = helper.make_model(graph, opset_imports=opsets, producer_name="quota_export")
     model.ir_version = 10
     return model
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [B, k] (int64) of the k highest scores of each row of `scores` [B, N].
+
+    - ties: the lower index wins (ONNX TopK's rule), so the result is fully determined by the
+      values; -0.0 and +0.0 are equal;
+    - NaN scores rank as -inf: below every number, tied with -inf (and so with each other) and
+      ordered among those by index. A NaN is never kept while a non-NaN score is dropped;
+    - the k indices of a row are returned sorted ascending (the tokens' original order), which is
+      how the kept tokens are gathered.
+
+    Integer and floating scores are accepted; `0 <= k <= N`.
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        raise ValueError(
+            f"stable_topk: scores must be a 2-D tensor [B, N], got "
+            f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}"
+        )
+    if scores.dtype == torch.bool or scores.is_complex():
+        raise ValueError(f"stable_topk: scores must be real numbers, got {scores.dtype}")
+    k = int(k)
+    n = scores.shape[1]
+    if not 0 <= k <= n:
+        raise ValueError(f"stable_topk: k={k} out of range [0, {n}]")
+    if scores.is_floating_point():
+        scores = torch.where(torch.isnan(scores), float("-inf"), scores)
+    # stable=True keeps equal keys in index order, also with descending=True
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(order, dim=1).values.to(torch.int64)
+
+
+def gather_rows(h, pos, idx, start: int, n: int):
+    """Keep the visual rows `idx` [1,k] (ascending) of the span [start, start+n) of h [1,T,D] and of
+    the positions pos [1,T] (or planes [P,1,T]) -> (h', pos', rows [T']); text rows stay."""
+    T = h.shape[1]
+    rows = torch.cat([torch.arange(start), start + idx[0], torch.arange(start + n, T)])
+    return h.index_select(1, rows), pos.index_select(pos.dim() - 1, rows), rows

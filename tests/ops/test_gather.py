@@ -22,10 +22,10 @@ import torch
 import yaml
 from onnx import TensorProto
 
-from quota_export.lower.gather_onnx import make_gather_model
-from quota_export.prune.topk import stable_topk
+from quota_export.ops.gather import make_gather_model
+from quota_export.ops.gather import stable_topk
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # plugins/ is not an installed package
     sys.path.insert(0, str(ROOT))
 

@@ -12,6 +12,7 @@ import contextlib
 
 import numpy as np
 import onnx
+from quota_export import __version__
 from onnx import TensorProto, helper, numpy_helper
 
 FLOAT, DOUBLE, INT64, UINT8, INT4, INT8 = (
@@ -102,7 +103,7 @@ class Graph:
             opset_imports=[helper.make_opsetid("", opset)]
             + [helper.make_opsetid(d, 1) for d in sorted({n.domain for n in self.nodes if n.domain})],
             producer_name="quota_export",
-            producer_version="0.1.0",
+            producer_version=__version__,
         )
         m.ir_version = 10
         return m

@@ -1,0 +1,97 @@
+"""Attention in the reductions' precision, grouped KV heads, optional causal mask and key bias.
+
+    s = q k^T * d^-1/2 (+ bias on the first T0 keys: merged tokens' log(count), ops/merge.py)
+    s = masked_fill(j > i + offset, -inf)  (offset None: no mask, e.g. one decode step)
+    p = softmax(s);  out = (p v) rounded to fp32
+    torch: attend(...)        ONNX: attend_onnx(...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from quota_export.ops.base import Emit
+
+
+@dataclass(frozen=True)
+class Heads:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def attend(q, k, v, hd: Heads, hp, causal_offset: int | None, bias=None):
+    """q [1,H,Tq,d], k/v [1,kvh,Tk,d] -> probs [1,H,Tq,Tk] (hp), out [1,H,Tq,d] (fp32).
+    `bias` [T0] (hp, T0 <= Tk) is added to the scores of the first T0 keys."""
+    q, k, v = q.to(hp), k.to(hp), v.to(hp)
+    rep = hd.heads // hd.kv_heads
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    s = (q @ k.transpose(-1, -2)) * (hd.head_dim**-0.5)
+    if bias is not None:
+        s = torch.cat([s[..., : bias.numel()] + bias, s[..., bias.numel() :]], dim=-1)
+    if causal_offset is not None:
+        Tq, Tk = s.shape[-2], s.shape[-1]
+        i = torch.arange(Tq)[:, None] + causal_offset
+        j = torch.arange(Tk)[None, :]
+        s = s.masked_fill(j > i, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return p, (p @ v).float()
+
+
+def repeat_kv_onnx(e: Emit, x, hd: Heads, name: str):
+    rep = hd.heads // hd.kv_heads
+    if rep == 1:
+        return x
+    with e.scope(name):
+        u = e.op("Unsqueeze", [x, e.ax([2])])
+        sh = e.op("Shape", [u])
+        t = e.op("Slice", [sh, e.ax([3]), e.ax([4])])
+        target = e.op("Concat", [e.const([1, hd.kv_heads, rep], np.int64), t, e.const([hd.head_dim], np.int64)], axis=0)
+        x = e.op("Expand", [u, target])
+        return e.op("Reshape", [x, e.const([1, hd.heads, -1, hd.head_dim], np.int64)])
+
+
+def causal_mask_onnx(e: Emit, scores, offset: int | None, name: str):
+    """masked_fill(j > i + offset, -inf) on [1,H,Tq,Tk] scores; offset None = no mask."""
+    if offset is None:
+        return scores
+    with e.scope(name):
+        sh = e.op("Shape", [scores])
+        tq = e.op("Squeeze", [e.op("Slice", [sh, e.ax([2]), e.ax([3])]), e.ax([0])])
+        tk = e.op("Squeeze", [e.op("Slice", [sh, e.ax([3]), e.ax([4])]), e.ax([0])])
+        i = e.op("Range", [e.const(offset, np.int64), e.op("Add", [tq, e.const(offset, np.int64)]), e.const(1, np.int64)])
+        j = e.op("Range", [e.const(0, np.int64), tk, e.const(1, np.int64)])
+        cond = e.op("Greater", [e.op("Unsqueeze", [j, e.ax([0])]), e.op("Unsqueeze", [i, e.ax([1])])])
+        return e.op("Where", [cond, e.hc(-np.inf), scores])
+
+
+def attend_onnx(e: Emit, q, k, v, hd: Heads, offset: int | None, name: str, bias=None):
+    """-> (probs hp, out fp32). `bias` = (hp [T0], T0) from `key_bias_onnx`, added to the scores
+    of the first T0 = start+k keys."""
+    with e.scope(name):
+        q = e.to_hp(q)
+        k = e.to_hp(repeat_kv_onnx(e, k, hd, "repeat_k"))
+        v = e.to_hp(repeat_kv_onnx(e, v, hd, "repeat_v"))
+        s = e.op("MatMul", [q, e.op("Transpose", [k], perm=[0, 1, 3, 2])], name="QK")
+        # the scale as a [1,H,1,1] constant, not a scalar: ONNX Runtime's MatMulScaleFusion folds
+        # a scalar into FusedMatMul's alpha, a float32 attribute, so fp64 scores would be scaled
+        # by float32(1/sqrt(d)) (a 1e-8 relative error, a last-bit difference in ~20% of the
+        # attention outputs and, through the 4-bit quantizers, flipped kept tokens)
+        scale = np.full((1, hd.heads, 1, 1), hd.head_dim**-0.5)
+        s = e.op("Mul", [s, e.hc(scale)], name="scale")
+        if bias is not None:
+            # zeros for the keys after the kept tokens (their count is dynamic): + 0 is exact
+            b, t0 = bias
+            tk = e.op("Slice", [e.op("Shape", [s]), e.ax([3]), e.ax([4])])
+            rest = e.op("Sub", [tk, e.const([t0], np.int64)], name="bias_rest")
+            pad = e.op("ConstantOfShape", [rest], value=onnx.numpy_helper.from_array(e.hconst([0.0])))
+            s = e.op("Add", [s, e.op("Concat", [b, pad], axis=0, name="bias_full")], name="key_bias")
+        s = causal_mask_onnx(e, s, offset, "mask")
+        p = e.op("Softmax", [s], axis=-1)
+        return p, e.to_f(e.op("MatMul", [p, v], name="PV"))

@@ -1,0 +1,30 @@
+import numpy as np
+import pytest
+import torch
+from op_harness import onnx_run, randn
+
+from quota_export.ops.attention import Heads, attend, attend_onnx
+from quota_export.ops.graph import DOUBLE, FLOAT
+
+HD = Heads(heads=4, kv_heads=2, head_dim=8)
+
+
+@pytest.mark.parametrize("offset, with_bias", [(0, False), (0, True), (None, True), (3, False)])
+def test_attention_torch_equals_onnx(offset, with_bias):
+    """Grouped KV heads, causal mask at an offset (None: none), merged keys' log-count bias on the
+    first T0 keys; fp64 reductions: the probabilities to the last bits of fp64, the output (rounded
+    once to fp32) bit for bit."""
+    q, k, v = randn(1, 4, 5, 8, seed=1), randn(1, 2, 8, 8, seed=2), randn(1, 2, 8, 8, seed=3)
+    bias = torch.tensor([0.0, 0.0, 1.0986, 0.6931, 0.0], dtype=torch.float64) if with_bias else None
+    p, o = attend(q[:, :, -5:] if offset is None else q, k, v, HD, torch.float64, offset, bias)
+
+    def build(e, qi, ki, vi):
+        b = (e.hc(bias.numpy()), bias.numel()) if with_bias else None
+        pr, out = attend_onnx(e, qi, ki, vi, HD, offset, "attn", b)
+        return [(pr, DOUBLE), (out, FLOAT)]
+
+    got_p, got_o = onnx_run(build, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}, fp64=True)
+    np.testing.assert_allclose(got_p, p.numpy(), rtol=1e-14, atol=1e-15)
+    np.testing.assert_array_equal(got_o, o.numpy())
+    if offset == 0:
+        assert (got_p[0, :, 0, 1:] == 0).all()  # query 0 sees key 0 only
