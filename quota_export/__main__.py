@@ -88,11 +88,29 @@ def cmd_build(a) -> int:
     for line in next_steps(res):
         print(line)
     eng = sub.get("engines")
+    if eng is not None and eng.get("parity"):  # TensorRT engines, checked through TrtRunner
+        print("engines: " + summary_line(eng["parity"], eng["parity"].get("data")))
     if eng is not None and not eng["built"]:
         # the TensorRT-ready graphs are written and checked on ONNX Runtime; engines are not
         print(f"error: no TensorRT engine built: {eng['reason']} (TensorRT-ready ONNX is in {res.out}/)", file=sys.stderr)
         return 3
     return 0
+
+
+# ---------------------------------------------------------------- backends (runtime/runners.py)
+def _backend_arg(p):
+    p.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "tensorrt"], default="ort-cpu",
+                   help="ort-cpu (default), ort-cuda (onnxruntime-gpu), tensorrt (the build's engines); docs/gpu.md")
+
+
+def _backend_refused(backend: str) -> bool:
+    """Print why `backend` cannot run here (one line) and say so; the command then exits 3."""
+    from quota_export.runtime.runners import backend_unavailable_reason
+
+    reason = backend_unavailable_reason(backend)
+    if reason:
+        print(f"error: --backend {backend}: {reason}", file=sys.stderr)
+    return reason is not None
 
 
 # ---------------------------------------------------------------- verify
@@ -101,6 +119,7 @@ def _verify_args(p):
     p.add_argument("--bench", required=True, help="benchmark JSONL")
     p.add_argument("--samples", type=int, default=50, help="samples compared (default 50)")
     p.add_argument("--json", type=Path, help="write the report as JSON")
+    _backend_arg(p)
 
 
 @command("verify", "parity of built graphs vs the PyTorch reference")
@@ -108,26 +127,29 @@ def _verify_args(p):
 def cmd_verify(a) -> int:
     from quota_export.build import deployed_at, load_items, load_model
     from quota_export.recipe import load_recipe
-    from quota_export.runtime.ort import OrtRunner, graph_sets
+    from quota_export.runtime.ort import graph_sets
+    from quota_export.runtime.runners import GraphRunner
     from quota_export.verify import compare, misses_line, parity_kind, summary_line, thresholds_for
 
     if a.samples < 1:
         raise UserError(f"--samples: must be at least 1, got {a.samples}")
-    sets = graph_sets(a.artifacts)
+    sets = graph_sets(a.artifacts)  # a bad folder is bad input (exit 2) before the backend (exit 3)
+    if _backend_refused(a.backend):
+        return 3
     several = len(sets) > 1
     keys = ("kept_index_agreement", "kept_index_agreement_per_stage", "answer_agreement", "logits_sqnr_db_min",
             "logits_sqnr_db_median", "samples", "failing_samples")
     reports, fails = {}, []
     base = None
     for (h, w), folder in sets:
-        runner = OrtRunner(folder)
+        runner = GraphRunner(folder, a.backend)
         recipe = load_recipe(folder / "recipe.yaml")
         if recipe.content_hash() != runner.manifest["recipe_hash"]:
             raise UserError(f"{folder / 'recipe.yaml'}: does not match the manifest's recipe hash (edited after the build?)")
         # a set built for another size than the benchmark's images sees them resized
         data = load_items(a.bench, a.samples, runner.image_size, resize=several)
         where = str(folder)
-        _say(f"comparing {where} with the PyTorch reference (fp64 reductions) of {recipe.model_path()} on {len(data.items)} samples")
+        _say(f"comparing {where} ({a.backend}) with the PyTorch reference (fp64 reductions) of {recipe.model_path()} on {len(data.items)} samples")
         if base is None:
             base = load_model(recipe)
         reductions = runner.manifest.get("reductions", "fp64")
@@ -143,7 +165,7 @@ def cmd_verify(a) -> int:
         reports[f"{w}x{h}"] = {k: d[k] for k in keys}
         fails += [f"{w}x{h}: {f}" if several else f for f in rep.failures(thresholds_for(reductions))]
     if a.json:
-        out = next(iter(reports.values()))
+        out = {"backend": a.backend, **next(iter(reports.values()))}
         if several:  # the worst figures over the sets, and each set's own
             vals = list(reports.values())
             sq = [v["logits_sqnr_db_min"] for v in vals]
@@ -152,6 +174,7 @@ def cmd_verify(a) -> int:
                 "answer_agreement": min(v["answer_agreement"] for v in vals),
                 "logits_sqnr_db_min": None if None in sq else min((x for x in sq if x != "inf"), default="inf"),
                 "samples": sum(v["samples"] for v in vals),
+                "backend": a.backend,
                 "sets": reports,
             }
         try:
@@ -170,23 +193,27 @@ def _run_args(p):
     p.add_argument("--image", required=True, type=Path)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, help="default: the recipe's export.max_new_tokens")
+    _backend_arg(p)
 
 
 @command("run", "answer a question about an image with built graphs")
 @args(_run_args)
 def cmd_run(a) -> int:
     from quota_export.data import load_image
-    from quota_export.runtime.ort import OrtRunner, graph_sets, set_for_image
+    from quota_export.runtime.ort import graph_sets, set_for_image
+    from quota_export.runtime.runners import GraphRunner
 
     if a.max_new_tokens is not None and a.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: must be at least 1, got {a.max_new_tokens}")
     several = len(graph_sets(a.artifacts)) > 1
-    runner = None if several else OrtRunner(a.artifacts)
+    if _backend_refused(a.backend):
+        return 3
+    runner = None if several else GraphRunner(a.artifacts, a.backend)
     if not a.image.is_file():
         raise UserError(f"{a.image}: image not found")
     img = load_image(a.image)
     if several:  # one graph set per declared image size: the image's size picks it
-        runner = OrtRunner(set_for_image(a.artifacts, img.shape[:2]))
+        runner = GraphRunner(set_for_image(a.artifacts, img.shape[:2]), a.backend)
     h, w = runner.image_size
     if img.shape[:2] != (h, w):
         raise UserError(f"{a.image}: image is {img.shape[1]}x{img.shape[0]}, these graphs take {w}x{h} (resize it first)")
@@ -222,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return a.fn(a)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -416,9 +416,9 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
 
     say(f"[4/{STEPS}] {tag}parity ({parity_kind(manifest['reductions'])}) vs the PyTorch reference (fp64 reductions) on "
         f"{len(data.items)} samples of {data.source}")
-    from quota_export.runtime.ort import OrtRunner
+    from quota_export.runtime.runners import GraphRunner
 
-    runner = OrtRunner(folder, threads=threads)
+    runner = GraphRunner(folder, "ort-cpu", threads=threads)
     # Always against the exact reference (fp64 reductions, every result rounded once to fp32):
     # graphs with fp32 reductions differ from it only by their own roundings, whereas a reference
     # in fp32 would add torch's (another summation order) - on the shipped default that halves
@@ -434,26 +434,40 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
     if target == "tensorrt":
-        manifest["engines"] = _engines(folder, say)
+        manifest["engines"] = _engines(folder, manifest, dep, data, recipe.export.max_new_tokens, say, tag)
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest, data.example
 
 
-def _engines(folder: Path, say) -> dict:
-    """TensorRT engines where TensorRT and a GPU exist; otherwise the one-line reason why not.
+def _engines(folder: Path, manifest: dict, dep, data, max_new_tokens: int, say, tag: str) -> dict:
+    """TensorRT engines where TensorRT and a GPU exist, with their parity against the reference on
+    the build's samples (TrtRunner, runtime/runners.py); otherwise the one-line reason why not.
 
-    The graphs' numerics were checked on ONNX Runtime (gathers inlined) above. Engine parity
-    needs a TensorRT runner, which this project has not written yet: a built engine is recorded
-    as built, never as verified."""
+    UNVERIFIED: no development machine has TensorRT or a GPU, so this path has not run (docs/gpu.md)."""
     from quota_export.lower import tensorrt_target
+    from quota_export.verify import compare, misses_line, thresholds_for
 
     reason = tensorrt_target.engine_unavailable_reason()
     if reason:
         return {"built": False, "verified": False, "reason": reason}
-    engines = tensorrt_target.build_engines(folder)
-    say(f"      built {len(engines)} TensorRT engines (not verified: no TensorRT runner yet)")
-    return {"built": True, "verified": False, "files": [p.name for p in engines],
-            "reason": "engine parity needs a TensorRT runner (not implemented)"}
+    from quota_export.runtime.runners import GraphRunner
+    from quota_export.runtime.tensorrt import build_engines
+
+    eng = {"built": True, "verified": False, "files": build_engines(folder, manifest, say)}
+    manifest["engines"] = eng  # the runner checks the engine files against it
+    say(f"      {tag}engine parity (TensorRT, {len(eng['files'])} engines) on {len(data.items)} samples of {data.source}")
+    runner = GraphRunner(folder, "tensorrt")
+    try:
+        rep = compare(runner, dep, data.items, max_new_tokens, progress=False, ids=data.ids)
+    finally:
+        runner.close()
+    eng["parity"] = {"data": data.source, "reference_reductions": "fp64", **rep.as_dict()}
+    fails = rep.failures(thresholds_for(manifest["reductions"]))
+    if fails:
+        raise ParityError(f"engine parity failed: {tag}{'; '.join(fails)} ({misses_line(rep.misses())}); nothing "
+                          "written (the TensorRT engines disagree with the PyTorch reference)")
+    eng["verified"] = True
+    return eng
 
 
 def next_steps(res: BuildResult) -> list[str]:

@@ -151,26 +151,24 @@ def _db(x: float):
 
 
 def compare(runner, deployed, items, max_new_tokens: int, progress: bool = True, ids=None) -> ParityReport:
-    """items: iterable of (image uint8 HxWx3, question). Runs runner and reference side by side.
-    `ids` (one per item) name the samples that miss a threshold in the report."""
-    import torch
+    """items: iterable of (image uint8 HxWx3, question). Runs the graphs (`runner`, a
+    runtime.runners.GraphRunner of any backend) and the reference side by side through polygraphy's
+    Comparator (runtime/runners.py); `ids` (one per item) name the samples that miss a threshold.
+
+    The decoder comparison starts from the same embeddings on both sides (those of vision.onnx +
+    embed.onnx): float noise of the unquantized vision tower must not decide a near-tie in a top-k.
+    The vision graph is compared on its own (SQNR of its features)."""
+    from quota_export.runtime.runners import run_side_by_side
 
     rep = ParityReport()
     items = list(items)
     ids = ids or [None] * len(items)
-    for (image, question), sid in tqdm(list(zip(items, ids)), desc="parity", disable=not progress, unit="sample"):
-        res = runner.generate(image, question, max_new_tokens)
-        prompt = deployed.adapter.prompt(image, question)
-        # The decoder comparison starts from the same embeddings on both sides (those of
-        # vision.onnx + embed.onnx): float noise of the unquantized vision tower must not decide a
-        # near-tie in a top-k. The vision graph is compared on its own (SQNR of its features).
-        ids, pix = runner.encode(image, question)
-        emb = runner.embeds(ids, pix)
-        with torch.no_grad():
-            ref_emb = deployed.embed_prompt(prompt)
-            toks, out = deployed.generate(prompt, max_new_tokens, embeds=torch.from_numpy(emb))
-        rep.vision_sqnr.append(sqnr_db(ref_emb.numpy(), emb))
-        rep.add([k.numpy() for k in out.kept], res.kept, toks, res.tokens, out.logits.numpy(), res.prefill_logits, sid)
+    pairs = run_side_by_side(runner, deployed, items, max_new_tokens)
+    for (ref, out), sid in tqdm(zip(pairs, ids), total=len(items), desc="parity", disable=not progress, unit="sample"):
+        n = sum(k.startswith("kept.") for k in ref)
+        rep.vision_sqnr.append(sqnr_db(ref["inputs_embeds"], out["inputs_embeds"]))
+        rep.add([ref[f"kept.{i}"] for i in range(n)], [out[f"kept.{i}"] for i in range(n)], ref["tokens"].tolist(),
+                out["tokens"].tolist(), ref["logits"], out["logits"], sid)
     return rep
 
 

@@ -93,21 +93,23 @@ def test_fast_path_equals_reference_prefill(tiny_llava, merge):
     from quota_export import models
     from quota_export.data import load_bench, load_image
     from quota_export.prune.baselines import restaged
-    from quota_export.calibrate import MAXMIN, select_of
+    from quota_export.calibrate import MAXMIN, CandStage, Scorer
     from quota_export.reference import DeployConfig, Deployed, StageCfg
 
     ad = models.load(tiny_llava)
     dep = Deployed(ad, DeployConfig.of("w4a4kv4", merge=merge))
     prompts = [ad.prompt(load_image(s), s.question) for s in load_bench(DATA, limit=2)]
     ev = Evaluator(dep, prompts)
-    cand = ((1, 40, (0.5, 1.0, 0.5, 1.0)), (2, 20, (1.0, 1.0, 1.0, 0.0)), (3, 7, (0.0, 1.0, 0.0, 2.0)))
-    other = cand[:2] + ((3, 9, MAXMIN),)  # a max-min stage (select: maxmin) too
+    cand = (CandStage(1, 40, Scorer((0.5, 1.0, 0.5, 1.0))), CandStage(2, 20, Scorer((1.0, 1.0, 1.0, 0.0))),
+            CandStage(3, 7, Scorer((0.0, 1.0, 0.0, 2.0))))
+    other = cand[:2] + (CandStage(3, 9, MAXMIN),)  # a max-min stage (select: maxmin) too
     d_other, d = ev.divergence([other, cand])  # one batch: `cand` reuses `other`'s prefix
     sig = ev.stage_sigmas(cand)
     assert sig[:2] == ev.stage_sigmas(other)[:2]
     ref_dep = restaged(dep, [])
     for c, want in ((cand, d), (other, d_other)):
-        ref_dep.cfg.stages = [StageCfg(l, k, w, s, select_of(w)) for (l, k, w), s in zip(c, ev.stage_sigmas(c))]
+        ref_dep.cfg.stages = [StageCfg(st.layer, st.keep, st.scorer.weights, s, st.scorer.select)
+                              for st, s in zip(c, ev.stage_sigmas(c))]
         ref_dep.stage_at = {s.layer: s for s in ref_dep.cfg.stages}
         tot = 0.0
         for smp, p in zip(ev.samples, prompts):
@@ -118,7 +120,7 @@ def test_fast_path_equals_reference_prefill(tiny_llava, merge):
     assert ref_dep.cfg.stages[-1].select == "maxmin" and d_other != d
     assert (out.cache[-1].bias is not None) == merge
     # sigma of stage 2 is measured on the stream after stage 1 (not the unpruned one)
-    unpruned = ev.stage_sigmas(((2, 20, (0.0, 1.0, 0.0, 0.0)),))[0]
+    unpruned = ev.stage_sigmas((CandStage(2, 20, Scorer((0.0, 1.0, 0.0, 0.0))),))[0]
     assert unpruned != sig[1]
 
 
@@ -158,28 +160,30 @@ def test_cli(tiny_llava, tmp_path, capsys):
 
 def test_weight_grid_default_is_w_grid_and_restriction_zeroes():
     from quota_export import UserError
-    from quota_export.calibrate import MAXMIN, SIGNALS, W_GRID, weight_grid
+    from quota_export.calibrate import MAXMIN, SIGNALS, W_GRID, Scorer, weight_grid
 
     assert weight_grid() == W_GRID and weight_grid(SIGNALS[::-1]) == W_GRID
     assert W_GRID[-1] == MAXMIN  # max-min selection: tried last, so ties keep the scorers
     for i, name in enumerate(SIGNALS):
         g = weight_grid(tuple(s for s in SIGNALS if s != name))
-        scored = [w for w in g if w != MAXMIN]
+        scored = [s.weights for s in g if s != MAXMIN]
         assert scored and all(w[i] == 0.0 and sum(w) > 0 for w in scored) and len(set(g)) == len(g)
         assert (MAXMIN in g) == (name != "diversity")  # max-min is the diversity signal's set form
-    assert weight_grid(("attention",)) == ((0.0, 1.0, 0.0, 0.0),)
-    assert weight_grid(("diversity",)) == ((0.0, 0.0, 0.0, 0.5), (0.0, 0.0, 0.0, 1.0), (0.0, 0.0, 0.0, 2.0), MAXMIN)
+    assert weight_grid(("attention",)) == (Scorer((0.0, 1.0, 0.0, 0.0)),)
+    assert weight_grid(("diversity",)) == (Scorer((0.0, 0.0, 0.0, 0.5)), Scorer((0.0, 0.0, 0.0, 1.0)),
+                                           Scorer((0.0, 0.0, 0.0, 2.0)), MAXMIN)
     with pytest.raises(UserError, match="--signals: colour"):
         weight_grid(("colour",))
 
 
 def test_start_vectors_follow_the_signals():
-    from quota_export.calibrate import MAXMIN, STARTS, W_GRID, start_vectors
+    from quota_export.calibrate import MAXMIN, STARTS, W_GRID, Scorer, start_vectors
 
     assert start_vectors() == STARTS and all(w in W_GRID for w in STARTS)
-    assert start_vectors(("magnitude", "risk", "diversity")) == ((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0), MAXMIN)
-    assert start_vectors(("attention", "risk")) == ((0.0, 1.0, 0.0, 0.0),)
-    assert start_vectors(("risk",)) == ((0.0, 0.0, 0.5, 0.0),)  # no single-signal start: the grid's first
+    assert start_vectors(("magnitude", "risk", "diversity")) == (Scorer((1.0, 0.0, 0.0, 0.0)),
+                                                                  Scorer((0.0, 0.0, 0.0, 1.0)), MAXMIN)
+    assert start_vectors(("attention", "risk")) == (Scorer((0.0, 1.0, 0.0, 0.0)),)
+    assert start_vectors(("risk",)) == (Scorer((0.0, 0.0, 0.5, 0.0)),)  # no single-signal start: the grid's first
 
 
 def test_signals_ablation_zero_weight_and_default_unchanged(calibrated, tiny_llava, tmp_path):
@@ -218,3 +222,14 @@ def test_merge_default_and_ablation(calibrated, tiny_llava, tmp_path):
                  "--merge", "none", "-o", str(out)]) == 0
     r = load_recipe(out)
     assert r.pruning.merge == "none" and "ablation: no merging of dropped tokens" in r.calibration.notes
+
+
+def test_scorer_says_how_a_stage_selects():
+    """A candidate stage's selection is explicit: a max-min scorer takes no weights, a top-k one needs some."""
+    from quota_export.calibrate import MAXMIN, Scorer
+
+    assert MAXMIN.select == "maxmin" and not any(MAXMIN.weights)
+    with pytest.raises(ValueError):
+        Scorer((0.0, 0.0, 0.0, 0.0))  # an all-zero top-k scorer would rank nothing
+    with pytest.raises(ValueError):
+        Scorer((1.0, 0.0, 0.0, 0.0), "maxmin")

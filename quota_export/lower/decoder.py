@@ -147,14 +147,21 @@ class DecoderLowering:
             r = e.op("Reshape", [x, e.const([1, -1, n_heads, self.spec.head_dim], np.int64)])
             return e.op("Transpose", [r], perm=[0, 2, 1, 3])
 
+    def block_input(self, e: Emit, h, l: int, norm: str, block: str, first: str):
+        """A block's normed input and, if its first linear's activations are quantized, the
+        (codes, scale) every linear of the block shares."""
+        xn = rmsnorm_onnx(e, h, getattr(self.dep, "ln1" if norm == "input_layernorm" else "ln2")[l].numpy(),
+                          self.spec.rms_eps, f"model/layers.{l}/{norm}")
+        xq = None
+        if self.dep.quantized[l][first] and self.cfg.a_bits < 16:
+            xq = self.act_quant(e, xn, self.spec.hidden, f"model/layers.{l}/{block}/input_quant")
+        return xn, xq
+
     def qkv(self, e: Emit, l: int, h, cos, sin, kv_scope: str | None = None) -> QKVNames:
         """The layer's attention inputs; the cache quantizers are emitted under `kv_scope` (a
         pruning stage's scope) when given."""
         sp = self.spec
-        xn = rmsnorm_onnx(e, h, self.dep.ln1[l].numpy(), sp.rms_eps, f"model/layers.{l}/input_layernorm")
-        xq = None
-        if self.dep.quantized[l]["self_attn.q_proj"] and self.cfg.a_bits < 16:
-            xq = self.act_quant(e, xn, sp.hidden, f"model/layers.{l}/attn/input_quant")
+        xn, xq = self.block_input(e, h, l, "input_layernorm", "attn", "self_attn.q_proj")
         q = self.linear(e, xn, l, "self_attn.q_proj", xq)
         k = self.linear(e, xn, l, "self_attn.k_proj", xq)
         v = self.linear(e, xn, l, "self_attn.v_proj", xq)
@@ -183,10 +190,7 @@ class DecoderLowering:
         with e.scope(f"model/layers.{l}/attn"):
             o = e.op("Reshape", [e.op("Transpose", [o], perm=[0, 2, 1, 3]), e.const([1, -1, sp.heads * sp.head_dim], np.int64)], name="merge_heads")
         h = e.op("Add", [h, self.linear(e, o, l, "self_attn.o_proj")], name=f"model/layers.{l}/attn/residual")
-        xn = rmsnorm_onnx(e, h, self.dep.ln2[l].numpy(), sp.rms_eps, f"model/layers.{l}/post_attention_layernorm")
-        xq = None
-        if self.dep.quantized[l]["mlp.gate_proj"] and self.cfg.a_bits < 16:
-            xq = self.act_quant(e, xn, sp.hidden, f"model/layers.{l}/mlp/input_quant")
+        xn, xq = self.block_input(e, h, l, "post_attention_layernorm", "mlp", "mlp.gate_proj")
         gt = self.linear(e, xn, l, "mlp.gate_proj", xq)
         up = self.linear(e, xn, l, "mlp.up_proj", xq)
         a = swiglu_onnx(e, gt, up, f"model/layers.{l}/mlp")

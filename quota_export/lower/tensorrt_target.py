@@ -10,13 +10,11 @@ ONNX Runtime cannot run the plugin, so `inline_token_gathers` swaps each plugin 
 standard-op gather (ops/gather.py) with the same inputs and outputs: that is how these
 graphs' numerics are checked against reference.py on a machine without a GPU.
 
-Engines (`build_engines`) need `tensorrt` and an NVIDIA GPU; neither exists on the development
-machines, so that function has never run there (see README, "TensorRT").
+Engines (runtime/tensorrt.py, through polygraphy) need `tensorrt` and an NVIDIA GPU; neither exists
+on the development machines, so they have never been built there (docs/gpu.md).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import onnx
 from onnx import helper
@@ -83,58 +81,6 @@ def engine_unavailable_reason() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         return "TensorRT is not installed (the tensorrt Python package does not import)"
-    try:
-        import torch
+    from quota_export.runtime.runners import gpu_unavailable_reason
 
-        if not torch.cuda.is_available():
-            return "no NVIDIA GPU is visible (torch.cuda.is_available() is False)"
-    except ImportError:
-        return "torch is not installed"
-    return None
-
-
-def build_engines(folder: Path, names=("vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx")) -> list[Path]:
-    """Strongly typed TensorRT engines from the TensorRT-ready graphs in `folder` (needs a GPU).
-
-    UNVERIFIED: written against the TensorRT 10.9+ Python API; never run on the development
-    machines (no TensorRT, no GPU). Dynamic `seq` / past lengths get one optimization profile
-    from 1 to the manifest's max_seq.
-    """
-    import json
-
-    import tensorrt as trt
-
-    from plugins.quotaTokenGather.plugin import register
-
-    register()
-    man = json.loads((folder / "manifest.json").read_text())
-    max_seq = man["export"].get("max_seq", 256)
-    logger = trt.Logger(trt.Logger.WARNING)
-    out = []
-    for name in names:
-        builder = trt.Builder(logger)
-        net = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-        parser = trt.OnnxParser(net, logger)
-        if not parser.parse_from_file(str(folder / name)):
-            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"{name}: TensorRT could not parse the graph: {errs}")
-        config = builder.create_builder_config()
-        # TF32 is on by default and rounds fp32 MatMul inputs to a 10-bit mantissa: the exact
-        # integer-activation matmuls (quant.weights.accumulation: exact) need true fp32 products
-        config.clear_flag(trt.BuilderFlag.TF32)
-        profile = builder.create_optimization_profile()
-        for i in range(net.num_inputs):
-            t = net.get_input(i)
-            shape = list(t.shape)
-            lo = [1 if d < 0 else d for d in shape]
-            hi = [max_seq if d < 0 else d for d in shape]
-            opt = [max(1, h // 2) if d < 0 else d for d, h in zip(shape, hi)]
-            profile.set_shape(t.name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-        blob = builder.build_serialized_network(net, config)
-        if blob is None:
-            raise RuntimeError(f"{name}: TensorRT engine build failed")
-        path = folder / name.replace(".onnx", ".engine")
-        path.write_bytes(bytes(blob))
-        out.append(path)
-    return out
+    return gpu_unavailable_reason()

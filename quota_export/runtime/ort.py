@@ -161,12 +161,14 @@ class RunResult:
 
 
 class OrtRunner:
-    """Sessions over a build folder. `threads` 0 = $OMP_NUM_THREADS if set, else ORT's default."""
+    """Sessions over a build folder. `threads` 0 = $OMP_NUM_THREADS if set, else ORT's default;
+    `providers`: ONNX Runtime execution providers (runtime/runners.py: the --backend choices)."""
 
-    def __init__(self, artifacts: str | Path, threads: int = 0):
+    def __init__(self, artifacts: str | Path, threads: int = 0, providers=("CPUExecutionProvider",)):
         import onnxruntime as ort
 
         self.dir = Path(artifacts)
+        self.providers = list(providers)
         self.manifest = read_manifest(self.dir)
         # every graph is checked against the manifest before ORT sees it: a truncated or swapped
         # file gets a clear message instead of a protobuf error (or worse, wrong answers)
@@ -202,7 +204,7 @@ class OrtRunner:
                     from quota_export.lower.tensorrt_target import inline_token_gathers
 
                     src = inline_token_gathers(onnx.load(str(p))).SerializeToString()
-                self.sessions[g] = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+                self.sessions[g] = self._session(g, src, so)
             except errors as e:
                 raise UserError(f"{p}: corrupt or unreadable graph ({one_line(e)})") from None
         from quota_export.models.loading import load_processor
@@ -220,6 +222,12 @@ class OrtRunner:
         self.eos = m["eos_token_id"]
         self.image_token_id = m["image_token_id"]
         self.mrope = m.get("mrope")  # absent: 1-D positions
+
+    def _session(self, g: str, src, so):
+        """One graph's session (`src`: a path, or the serialized graph with gathers inlined)."""
+        import onnxruntime as ort
+
+        return ort.InferenceSession(src, so, providers=self.providers)
 
     def _run(self, g: str, feeds: dict) -> dict:
         s = self.sessions[g]

@@ -1,0 +1,122 @@
+"""The QUOTA schedule search (deterministic; ties -> the earlier candidate in a fixed order).
+
+    A. shapes x starts: 1-3 stages at layers from a grid, geometric keeps, each stage scored by a
+       single-signal start (STARTS) or max-min selection (a max-min start scores stages after
+       layer 0 with the grid's first scorer)
+    B. weights, from each start's best shape: coordinate descent over the grid (<= 3 sweeps)
+    C. keeps: that shape's layers with the decay ratios of R_FINE; the lowest end wins
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from quota_export import UserError
+from quota_export.calibrate.evaluator import Evaluator
+from quota_export.calibrate.space import (R_FINE, W_GRID, CandStage, Candidate, shape_candidates, start_vectors,
+                                          weight_grid)
+from quota_export.prune.schedule import budget_cap, geometric_keeps
+from quota_export.recipe import SIGNALS
+
+
+@dataclass
+class SearchResult:
+    stages: Candidate
+    sigmas: list  # per stage (sigma_m, sigma_a, sigma_r, sigma_d)
+    divergence: float
+    naive_divergence: float
+    evals: int
+    num_layers: int
+    weights: tuple | None = None  # (GPTQResult, file metadata) with weights="gptq"
+
+
+def naive_stages(n_visual: int, budget: float) -> tuple:
+    """One attention-only stage at layer 0 keeping floor(budget * N): the reference point."""
+    k = max(1, int(math.floor(budget * n_visual + 1e-9)))
+    return (CandStage(0, k, W_GRID[0]),)
+
+
+def _best(cands, divs):
+    """Lowest divergence; ties -> the earliest candidate."""
+    i = min(range(len(cands)), key=lambda i: (divs[i], i))
+    return cands[i], divs[i]
+
+
+def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS) -> SearchResult:
+    from tqdm import tqdm
+
+    grid = weight_grid(signals)
+    N, L = ev.n_visual, ev.L
+    naive = naive_stages(N, budget)
+    if budget_cap(budget, N, L) >= N * L:  # no pruning needed
+        return SearchResult((), [], 0.0, 0.0, 0, L)
+
+    def build(layers, keeps, scorers) -> Candidate:
+        return tuple(CandStage(*x) for x in zip(layers, keeps, scorers))
+
+    def weight_options(cand, j):
+        """The grid without vectors equivalent to an earlier one: a constant signal's weight is moot,
+        and a positive factor on all weights keeps the ranking."""
+        const = ev.constant(cand[:j], cand[j].layer)
+        seen, out = set(), []
+        for w in grid:
+            if w.select == "maxmin":
+                if cand[j].layer == 0:
+                    out.append(w)
+                continue
+            eff = tuple(0.0 if const[i] else w.weights[i] for i in range(len(SIGNALS)))
+            top = max(eff)
+            if top == 0:
+                continue
+            eff = tuple(x / top for x in eff)
+            if eff in seen:
+                continue
+            seen.add(eff)
+            out.append(w)
+        return out
+
+    shapes = shape_candidates(L, N, budget)
+    if not shapes:
+        raise UserError(f"budget {budget}: no schedule of {N} visual tokens over {L} layers meets it")
+    starts = start_vectors(signals)
+    bar = tqdm(desc="calibrate: search", disable=not progress, unit="cand", total=len(shapes) * len(starts) + 1)
+    ev.divergence([naive], bar)
+    # A. shapes x single-signal starts (start-major)
+    # (the max-min start scores stages after layer 0 with the grid's first vector)
+    cands = [build(ls, ks, [grid[0] if w.select == "maxmin" and l > 0 else w for l in ls]) for w in starts
+             for ls, _, ks in shapes]
+    divs = ev.divergence(cands, bar)
+
+    def refine(best, best_d):
+        """B. weights: coordinate descent over the stages; C. keeps: other decay ratios for the
+        chosen layers."""
+        layers = [s.layer for s in best]
+        keeps = [s.keep for s in best]
+        ws = [s.scorer for s in best]
+        for _sweep in range(3):
+            changed = False
+            for j in range(len(ws)):
+                cands = [build(layers, keeps, ws[:j] + [w] + ws[j + 1 :]) for w in weight_options(best, j)]
+                bar.total += len(cands)
+                c, d = _best(cands, ev.divergence(cands, bar))
+                if d < best_d and c != best:
+                    best, best_d, ws, changed = c, d, [s.scorer for s in c], True
+            if not changed:
+                break
+        if len(layers) > 1:
+            cands = [best]
+            for r in R_FINE:
+                ks = geometric_keeps(layers, r, N, L, budget)
+                if ks is not None and all(ks[j] < ks[j - 1] for j in range(1, len(ks))) and ks[0] < N:
+                    cands.append(build(layers, ks, ws))
+            bar.total += len(cands)
+            best, best_d = _best(cands, ev.divergence(cands, bar))
+        return best, best_d
+
+    # B + C from each start's best shape; the lowest end wins (ties -> the earlier start)
+    n = len(shapes)
+    ends = [refine(*_best(cands[i * n : (i + 1) * n], divs[i * n : (i + 1) * n])) for i in range(len(starts))]
+    best, best_d = _best([e[0] for e in ends], [e[1] for e in ends])
+    bar.close()
+    return SearchResult(best, ev.stage_sigmas(best), best_d, ev.cache[naive], ev.evals, L)
