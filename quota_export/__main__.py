@@ -203,8 +203,11 @@ def cmd_run(a) -> int:
     from quota_export.runtime.ort import graph_sets, set_for_image
     from quota_export.runtime.runners import GraphRunner
 
-    if a.max_new_tokens is not None and a.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens: must be at least 1, got {a.max_new_tokens}")
+    from quota_export.limits import check_max_new_tokens, check_text
+
+    if a.max_new_tokens is not None:
+        check_max_new_tokens(a.max_new_tokens, "--max-new-tokens")
+    check_text(a.prompt, "--prompt")
     several = len(graph_sets(a.artifacts)) > 1
     if _backend_refused(a.backend):
         return 3
@@ -245,14 +248,20 @@ def main(argv: list[str] | None = None) -> int:
         setup(p)
         p.set_defaults(fn=fn)
     a = ap.parse_args(argv)
-    try:
-        return a.fn(a)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    from quota_export.failures import expected_failure, terminate_as_interrupt
+
+    with terminate_as_interrupt():  # SIGTERM unwinds like Ctrl-C: a build removes its temporary folder
+        try:
+            return a.fn(a)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return getattr(e, "exit_code", 2)
+        except (KeyboardInterrupt, Exception) as e:  # the expected kinds only (failures.py); a bug keeps its traceback
+            known = expected_failure(e)
+            if known is None:
+                raise
+            print(f"error: {known[0]}", file=sys.stderr)
+            return known[1]
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """`build`: recipe + model -> graphs/<name>/ (vision, embed, prefill, decode, manifest), verified.
 
-    check --out -> load model (recipe checked against it) -> parity data -> lower
-      -> save into a hidden sibling folder .<name>.XXXX -> load in ONNX Runtime -> parity vs reference.py
-      -> rename into place (an older build there is swapped out only at that moment)
+    check --out (recover an interrupted build there) -> load model (recipe checked against it)
+      -> parity data -> lower -> save into a hidden sibling folder .<name>.quota-build-<pid>-<rand>
+      -> load in ONNX Runtime -> parity vs reference.py -> publish (publish.py: an older build there
+      is swapped out only at that moment; files it did not write stay)
 
 Nothing is written to the output folder unless every step succeeds: on any error (bad input, a
-parity failure, Ctrl-C) the temporary folder, and any parent folders the build created, are removed
-and an older build at the same place is left untouched.
+parity failure, Ctrl-C, SIGTERM) the temporary folder, and any parent folders the build created, are
+removed and an older build at the same place is left untouched. docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ import json
 import os
 import shlex
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from quota_export import UserError, versions
+from quota_export import UserError, publish, versions
 
 PARITY_SAMPLES = 8
 STEPS = 5
@@ -76,7 +76,18 @@ def load_model(recipe):
     declared = recipe.export.image_sizes is None  # else the sizes are checked one by one (image_sizes)
     recipe.check_against(spec.num_layers, adapter.n_visual() if declared else None, adapter.module_names())
     _check_quant_fits(recipe, adapter, spec)
+    limit = max_positions(adapter)
+    if limit is not None and recipe.export.max_seq > limit:
+        raise UserError(f"export.max_seq: {recipe.export.max_seq} is more than the model's max_position_embeddings {limit}")
     return adapter
+
+
+def max_positions(adapter) -> int | None:
+    """The decoder's max_position_embeddings (config.json), None if the config does not say."""
+    cfg = adapter.model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    v = getattr(cfg, "max_position_embeddings", None)
+    return v if isinstance(v, int) and v > 0 else None
 
 
 def image_sizes(recipe, adapter) -> list[tuple[int, int]]:
@@ -193,62 +204,6 @@ def io_spec(model) -> dict:
 # ---------------------------------------------------------------- the output folder
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: output path exists and is a file (choose another --out)")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        # never replace a folder that is not a previous build: --out . must not wipe the CWD
-        raise UserError(f"{out}: output folder exists and is not a previous build (no manifest.json); "
-                        "choose another --out or empty it")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{out}: cannot create the output folder ({parent} is a file)")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise UserError(f"{out}: cannot create the output folder ({parent} is not writable)")
-            break
-
-
-def _make_tmp(out: Path) -> tuple[Path, list[Path]]:
-    """A hidden temporary folder next to `out` (same file system, so the final rename is atomic),
-    and the parent folders created for it (removed again if the build fails)."""
-    created = [p for p in reversed(out.parents) if not p.exists()]
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as e:
-        _remove_empty(created)
-        raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the published folder gets the usual mode
-    return tmp, created
-
-
-def _remove_empty(dirs: list[Path]) -> None:
-    for d in reversed(dirs):
-        try:
-            d.rmdir()
-        except OSError:
-            pass
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; a previous build at out is swapped out and removed only then."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_graph(m, path: Path) -> dict:
     import onnx
 
@@ -298,8 +253,11 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
     max_opset = onnx.defs.onnx_opset_version()
     if recipe.export.opset > max_opset:
         raise UserError(f"export.opset: {recipe.export.opset} is newer than the installed onnx supports ({max_opset})")
-    _check_out(out)
-    tmp, created = _make_tmp(out)
+    if Path.cwd().resolve().is_relative_to(Path(os.path.abspath(out)).resolve()):
+        # the swap renames the output folder: never the folder we run in (--out .) or one above it
+        raise UserError(f"{out}: output folder is the current folder or contains it (choose another --out)")
+    publish.claim(out, say)
+    tmp, created = publish.make_tmp(out)
     ok = False
     try:
         say(f"[1/{STEPS}] loading {recipe.model_path()}")
@@ -327,20 +285,20 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
                 "versions": versions(runtime=True),
             }
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+            manifest["files"] = {"recipe.yaml": publish.file_entry(tmp / "recipe.yaml")}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
         say(f"[5/{STEPS}] publishing {out}")
         try:
-            _publish(tmp, out)
+            publish.publish(tmp, out)
         except OSError as e:
             raise UserError(f"{out}: cannot move the build into place ({e.strerror or e})") from None
         ok = True
         return BuildResult(out, manifest, time.monotonic() - t0, example)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish.discard(tmp)
         if not ok:
-            _remove_empty(created)
+            publish.remove_empty(created)
 
 
 def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench, samples: int, progress: bool,
@@ -356,6 +314,11 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
     resize = recipe.export.image_sizes is not None
     data = parity_items(adapter, recipe, samples, bench, resize)  # a bad --bench fails before the slow part
     probe = adapter.prompt(np.zeros((*adapter.image_size(), 3), np.uint8), "describe image")
+    need = probe.input_ids.shape[1] + recipe.export.max_new_tokens
+    if need > recipe.export.max_seq:  # the runner refuses longer sequences (export.max_seq)
+        raise UserError(f"export.max_seq: {recipe.export.max_seq} is less than {tag}a prompt of {probe.input_ids.shape[1]} "
+                        f"tokens (the image and a two-word question) + export.max_new_tokens "
+                        f"{recipe.export.max_new_tokens}; raise it")
 
     say(f"[2/{STEPS}] {tag}lowering to ONNX (opset {recipe.export.opset}, target {target})")
     if target == "tensorrt":
@@ -382,6 +345,8 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
         (folder / "recipe.yaml").write_text(recipe.to_yaml())
         if recipe.weights_path() is not None:  # calibrated weights travel with the recipe copy
             shutil.copyfile(recipe.weights_path(), folder / recipe.weights_path().name)
+        # every other file the set holds (processor/, recipe.yaml, weights, external data): hashed too
+        hashed = publish.hash_tree(folder, skip=(*graphs, publish.MARKER))
     except OSError as e:  # e.g. disk full
         raise UserError(f"{out}: cannot write the build ({e.strerror or e})") from None
     manifest = {
@@ -398,6 +363,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
             "eos_token_id": spec.eos_token_id,
             "image_token_id": adapter.image_token_id(),
             "num_layers": spec.num_layers,
+            "max_position_embeddings": max_positions(adapter),
             **({"mrope": mrope_layout(probe)} if probe.position_ids is not None else {}),
         },
         "schedule": [{"layer": s.layer, "keep": s.keep, "select": s.select} for s in dep.cfg.stages],
@@ -410,6 +376,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
             "max_seq": recipe.export.max_seq,
         },
         "graphs": {n: {**files[n], **io_spec(m)} for n, m in graphs.items()},
+        "files": hashed,
         "versions": versions(runtime=True),
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ class BenchSample:
     answer: str
     task: str
     options: list[str] | None = None
+    where: str = field(default="", compare=False)  # "file:line" it was read from, for messages
 
 
 def _type_name(v) -> str:
@@ -49,6 +51,8 @@ def _parse_line(raw: str, where: str, base: Path) -> BenchSample:
         rec = json.loads(raw)
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise UserError(f"{where}: invalid JSON (nested too deeply)") from None
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object, got {_type_name(rec)}")
     unknown = sorted(set(rec) - _KNOWN)
@@ -64,6 +68,10 @@ def _parse_line(raw: str, where: str, base: Path) -> BenchSample:
             raise UserError(f"{where}: field {key!r}: expected a string, got {_type_name(v)}")
         if not v.strip():
             raise UserError(f"{where}: field {key!r}: must not be empty")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{where}: field {key!r}: not valid Unicode (a lone surrogate escape)") from None
     options = rec.get("options")
     if options is not None:
         if not isinstance(options, list):
@@ -86,6 +94,7 @@ def _parse_line(raw: str, where: str, base: Path) -> BenchSample:
         answer=rec["answer"],
         task=rec["task"],
         options=options,
+        where=where,
     )
 
 
@@ -110,6 +119,26 @@ def _balanced(samples: list[BenchSample], limit: int) -> list[BenchSample]:
     return [samples[i] for i in sorted(chosen)]
 
 
+def _lines(path: Path):
+    """(line number, text) of a JSONL file, read line by line; a line over MAX_JSONL_LINE bytes or
+    not UTF-8 is a UserError naming file:line."""
+    from quota_export.limits import MAX_JSONL_LINE
+
+    try:
+        with open(path, "rb") as f:
+            lineno = 0
+            while raw := f.readline(MAX_JSONL_LINE + 1):
+                lineno += 1
+                if len(raw) > MAX_JSONL_LINE:
+                    raise UserError(f"{path}:{lineno}: line longer than the limit of {MAX_JSONL_LINE} bytes")
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def load_bench(path: str | os.PathLike, limit: int | None = None) -> list[BenchSample]:
     """Read and validate a benchmark JSONL file.
 
@@ -125,11 +154,7 @@ def load_bench(path: str | os.PathLike, limit: int | None = None) -> list[BenchS
     base = path.parent
     samples: list[BenchSample] = []
     first_line: dict[str, int] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    for lineno, raw in _lines(path):
         if not raw.strip():
             continue
         where = f"{path}:{lineno}"
@@ -148,15 +173,28 @@ def load_bench(path: str | os.PathLike, limit: int | None = None) -> list[BenchS
 
 
 def load_image(sample: BenchSample | str | os.PathLike) -> np.ndarray:
-    """The sample's image as uint8 HxWx3 RGB (PIL, converted to RGB)."""
+    """The sample's image as uint8 HxWx3 RGB (PIL, converted to RGB). Its size is read from the
+    header first: more than limits.MAX_IMAGE_PIXELS pixels is refused before decoding. Errors
+    name the JSONL file and line of a benchmark sample."""
     from PIL import Image, UnidentifiedImageError
 
+    from quota_export.limits import MAX_IMAGE_PIXELS
+
     p = sample.image if isinstance(sample, BenchSample) else os.fspath(sample)
+    label = f"{sample.where}: field 'image': {p}" if isinstance(sample, BenchSample) and sample.where else str(p)
     try:
-        with Image.open(p) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by our own limit
+            with Image.open(p) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise UserError(f"{label}: image is {w}x{h} ({w * h} pixels), more than the limit of "
+                                    f"{MAX_IMAGE_PIXELS} (not decoded)")
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
-        raise UserError(f"image not found: {p}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {p}: {e}") from None
+        raise UserError(f"{label}: image not found") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{label}: image too large ({e}); the limit is {MAX_IMAGE_PIXELS} pixels (not decoded)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise UserError(f"{label}: cannot read image ({e})") from None
     return np.ascontiguousarray(arr)

@@ -43,7 +43,11 @@ def _is_pow2(n: int) -> bool:
 
 
 def _check_regexes(patterns: list[str]) -> list[str]:
+    from quota_export.limits import MAX_PATTERN_CHARS
+
     for i, p in enumerate(patterns):
+        if len(p) > MAX_PATTERN_CHARS:
+            raise _fail(f"pattern of {len(p)} characters, more than the limit of {MAX_PATTERN_CHARS}", i)
         try:
             re.compile(p)
         except re.error as e:
@@ -502,10 +506,15 @@ class Recipe(BaseModel):
                 f"exceeds budget {p.budget}"
             )
         w = self.resolved_quant().weights
-        for field in ("targets", "ignore"):
-            for i, pat in enumerate(getattr(w, field)):
-                if not any(re.search(pat, n) for n in module_names):
-                    raise UserError(f"quant.weights.{field}.{i}: pattern {pat!r} matches no module of the model")
+        from quota_export.limits import match_within_budget
+
+        # matched in a child process with a time budget: a pattern that backtracks catastrophically
+        # is one error line here instead of a hang wherever the names are matched later
+        pats = [(f"quant.weights.{field}.{i}", pat) for field in ("targets", "ignore")
+                for i, pat in enumerate(getattr(w, field))]
+        for (where, pat), hits in zip(pats, match_within_budget(pats, list(module_names))):
+            if not hits:
+                raise UserError(f"{where}: pattern {pat!r} matches no module of the model")
 
     # -- serialisation
 
@@ -581,8 +590,14 @@ def _yaml_error_line(e: yaml.YAMLError) -> str:
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate a recipe; any problem is a one-line UserError naming the file and field."""
+    from quota_export.limits import MAX_RECIPE_BYTES
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise UserError(f"{path}: recipe file larger than the limit of {MAX_RECIPE_BYTES} bytes")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such recipe file") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -591,12 +606,16 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: {_yaml_error_line(e)}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise UserError(f"{path}: {format_validation_error(e)}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply") from None
     _SOURCES[id(recipe)] = Path(path)  # where it was read from: not part of its value (==, hash)
     weakref.finalize(recipe, _SOURCES.pop, id(recipe), None)
     return recipe

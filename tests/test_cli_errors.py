@@ -256,7 +256,7 @@ def test_verify_edited_recipe(capsys, artifacts):
     r = artifacts / "recipe.yaml"
     r.write_text(r.read_text().replace("max_new_tokens: 2", "max_new_tokens: 3"))
     rc, _, err = cli(capsys, "verify", "--artifacts", artifacts, "--bench", TEST_SPLIT, "--samples", 1)
-    one_error(rc, err, str(r), "recipe hash")
+    one_error(rc, err, str(r), "changed after the build")  # manifest `files` checksums
 
 
 def test_run_image_of_the_wrong_size(capsys, artifacts, tmp_path):

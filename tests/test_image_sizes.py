@@ -155,7 +155,7 @@ def test_llava_next_builds_one_set_per_pinpoint(tmp_path):
         "name": "next-sizes", "model": str(model), "quant": {"scheme": "w4a4kv4"},
         "pruning": {"budget": 0.6, "n_visual": 192, "stages": [{"layer": 1, "keep": 96, "fraction": 0.5},
                                                                 {"layer": 2, "keep": 48, "fraction": 0.25}]},
-        "export": {"image_sizes": [[96, 96], [96, 144]], "max_new_tokens": 2},
+        "export": {"image_sizes": [[96, 96], [96, 144]], "max_new_tokens": 2, "max_seq": 512},
     }  # fmt: skip
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = tmp_path / "g"

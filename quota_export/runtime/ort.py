@@ -75,6 +75,49 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def inside(root: Path, rel, where: str) -> Path:
+    """root / rel, refused (one line naming `where`) unless rel is a relative path without '..'
+    that stays inside root once symlinks are resolved: a manifest names nothing outside its folder."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel or ".." in rel.split("/"):
+        raise UserError(f"{where}: {rel!r} is not a path inside the artifacts folder")
+    p = root / rel
+    if not p.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"{where}: {rel!r} leads outside the artifacts folder (symbolic link)")
+    return p
+
+
+def _is_int(v, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+# field -> (check, what it must be): what the runner computes with, so an edited manifest is one line
+_FIELD_TYPES = {
+    "schedule": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), "a list of stages"),
+    "model.visual_start": (_is_int, "an integer >= 0"),
+    "model.n_visual": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "model.image_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x, 1) for x in v), "[H, W]"),
+    "model.eos_token_id": (_is_int, "an integer >= 0"),
+    "model.image_token_id": (_is_int, "an integer >= 0"),
+    "export.max_new_tokens": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "graphs": (lambda v: isinstance(v, dict), "an object"),
+}
+_OPTIONAL_TYPES = {
+    "export.max_seq": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "model.max_position_embeddings": (lambda v: v is None or _is_int(v, 1), "an integer >= 1"),
+    "model.mrope": (lambda v: isinstance(v, dict) and _is_int(v.get("text_after")) and isinstance(v.get("visual"), list),
+                    "{visual, text_after}"),
+}
+
+
+def _field(m: dict, dotted: str):
+    cur = m
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(dotted)
+        cur = cur[part]
+    return cur
+
+
 def _env_threads() -> int:
     v = os.environ.get("OMP_NUM_THREADS", "")
     return int(v) if v.isdigit() else 0
@@ -95,30 +138,49 @@ def read_manifest(artifacts: Path, sets_ok: bool = False) -> dict:
         raise UserError(f"{man}: corrupt manifest (invalid JSON: {e.msg}, line {e.lineno} column {e.colno})") from None
     except UnicodeDecodeError:
         raise UserError(f"{man}: corrupt manifest (not UTF-8 text)") from None
+    except RecursionError:
+        raise UserError(f"{man}: corrupt manifest (nested too deeply)") from None
     if not isinstance(m, dict):
         raise UserError(f"{man}: corrupt manifest (expected a JSON object)")
     if "sets" in m and not sets_ok:
         raise UserError(f"{artifacts}: holds one graph set per image size ({', '.join(_set_names(m))}); "
                         f"pass one of them, e.g. {artifacts / _set_dirs(m)[0]}")
     if "sets" in m:
+        _set_dirs(m, artifacts)
         return m
     for f in MANIFEST_FIELDS:
-        cur = m
-        for part in f.split("."):
-            if not isinstance(cur, dict) or part not in cur:
-                raise UserError(f"{man}: corrupt manifest (field {f!r} missing)")
-            cur = cur[part]
+        try:
+            _field(m, f)
+        except KeyError:
+            raise UserError(f"{man}: corrupt manifest (field {f!r} missing)") from None
+    if not isinstance(m.get("files"), dict) or not all(
+            isinstance(v, dict) and _is_int(v.get("bytes")) and isinstance(v.get("sha256"), str) for v in m["files"].values()):
+        raise UserError(f"{man}: no checksums of the build's files (field 'files'; written by an older "
+                        "quota_export?): rebuild with `python -m quota_export build`")
+    for f, (ok, what) in {**_FIELD_TYPES, **_OPTIONAL_TYPES}.items():
+        try:
+            v = _field(m, f)
+        except KeyError:
+            continue  # required ones were checked above
+        if not ok(v):
+            raise UserError(f"{man}: corrupt manifest (field {f!r} must be {what}, got {json.dumps(v)[:60]})")
     for g in GRAPHS:
         info = m["graphs"].get(g)
-        if not isinstance(info, dict) or not {"bytes", "sha256"} <= set(info):
+        if not isinstance(info, dict) or not _is_int(info.get("bytes")) or not isinstance(info.get("sha256"), str):
             raise UserError(f"{man}: corrupt manifest (no size / checksum for {g})")
     return m
 
 
-def _set_dirs(m: dict) -> list[str]:
+def _set_dirs(m: dict, artifacts: Path | None = None) -> list[str]:
     sets = m.get("sets")
-    if not isinstance(sets, list) or not all(isinstance(x, dict) and "dir" in x and "image_size" in x for x in sets):
+    if not isinstance(sets, list) or not sets or not all(
+            isinstance(x, dict) and "dir" in x and _FIELD_TYPES["model.image_size"][0](x.get("image_size")) for x in sets):
         raise UserError("corrupt manifest (field 'sets' is not a list of {dir, image_size})")
+    for i, x in enumerate(sets):
+        if not isinstance(x["dir"], str) or "/" in x["dir"]:
+            raise UserError(f"corrupt manifest (sets.{i}.dir {x['dir']!r} must be a folder name inside the artifacts folder)")
+        if artifacts is not None:
+            inside(artifacts, x["dir"], f"{artifacts / 'manifest.json'}: sets.{i}.dir")
     return [x["dir"] for x in sets]
 
 
@@ -134,7 +196,7 @@ def graph_sets(artifacts: str | Path) -> list[tuple[tuple[int, int], Path]]:
     m = read_manifest(artifacts, sets_ok=True)
     if "sets" not in m:
         return [(tuple(m["model"]["image_size"]), artifacts)]
-    dirs = _set_dirs(m)
+    dirs = _set_dirs(m, artifacts)
     return [(tuple(x["image_size"]), artifacts / d) for x, d in zip(m["sets"], dirs)]
 
 
@@ -148,6 +210,30 @@ def set_for_image(artifacts: str | Path, hw: tuple[int, int]) -> Path:
             return folder
     built = ", ".join(f"{w}x{h}" for (h, w), _ in sets)
     raise UserError(f"image is {hw[1]}x{hw[0]}: {artifacts} has graphs for {built} only (export.image_sizes)")
+
+
+def check_files(folder: Path, manifest: dict) -> None:
+    """Every file the manifest lists besides the graphs (processor/, recipe.yaml, calibrated
+    weights, external data) is inside the folder and has its recorded size and sha256; processor/
+    holds no other file; no entry of the folder is a symbolic link leading out of it."""
+    where = folder / "manifest.json"
+    files = manifest["files"]
+    for rel, want in files.items():
+        p = inside(folder, rel, f"{where}: files")
+        if not p.is_file():
+            raise UserError(f"{p}: missing (the build folder is incomplete)")
+        if p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:
+            raise UserError(f"{p}: changed after the build (size / checksum differ from the manifest)")
+    proc = folder / "processor"
+    if proc.is_dir():
+        for dirpath, _dirs, names in os.walk(proc):
+            for n in names:
+                rel = (Path(dirpath) / n).relative_to(folder).as_posix()
+                if rel not in files:
+                    raise UserError(f"{folder / rel}: not written by the build (the processor would read it); remove it")
+    for e in folder.iterdir():
+        if e.is_symlink():
+            inside(folder, e.name, str(e))
 
 
 @dataclass
@@ -172,8 +258,9 @@ class OrtRunner:
         self.manifest = read_manifest(self.dir)
         # every graph is checked against the manifest before ORT sees it: a truncated or swapped
         # file gets a clear message instead of a protobuf error (or worse, wrong answers)
+        check_files(self.dir, self.manifest)
         for g in GRAPHS:
-            p = self.dir / g
+            p = inside(self.dir, g, str(self.dir / g))
             if not p.is_file():
                 raise UserError(f"{p}: graph missing (rebuild with `python -m quota_export build`)")
             want = self.manifest["graphs"][g]
@@ -216,6 +303,12 @@ class OrtRunner:
             self.processor = load_processor(proc)
         except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
             raise UserError(f"{proc}: cannot load processor ({one_line(e)})") from None
+        stages = len(self.manifest["schedule"])
+        pre = self.sessions.get("prefill.onnx")  # None where engines run the graphs (GraphRunner, tensorrt)
+        kept = sorted(o.name for o in pre.get_outputs() if o.name.startswith("kept.")) if pre is not None else None
+        if kept is not None and kept != sorted(f"kept.{i}" for i in range(stages)):
+            raise UserError(f"{self.dir / 'manifest.json'}: corrupt manifest (schedule has {stages} stages, prefill.onnx "
+                            f"outputs {len(kept)} kept-index tensors; edited after the build?)")
         m = self.manifest["model"]
         self.visual_start, self.n_visual = m["visual_start"], m["n_visual"]
         self.image_size = tuple(m["image_size"])
@@ -231,21 +324,41 @@ class OrtRunner:
 
     def _run(self, g: str, feeds: dict) -> dict:
         s = self.sessions[g]
-        return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+        try:
+            return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+        except ort_errors() as e:
+            raise self.refused(g, e) from None
+
+    def refused(self, g: str, e: BaseException) -> UserError:
+        """A runtime refusing the inputs of a checked graph: their shapes come from the manifest,
+        so it was edited after the build (one line naming the graph)."""
+        return UserError(f"{self.dir / g}: the runtime cannot run it on these inputs ({one_line(e)}); "
+                         "manifest.json edited after the build?")
 
     def encode(self, image: np.ndarray, question: str):
         """-> (input_ids [1,T], pixel_values [1,3,H,W]) via the shipped processor, checked."""
+        from quota_export.limits import check_text
         from quota_export.models.base import encode_chat
 
+        check_text(question, "prompt")
         enc = encode_chat(self.processor, image, question, tuple(self.image_size), "these graphs take", "np")
         ids = enc["input_ids"].astype(np.int64)
         pos = np.flatnonzero(ids[0] == self.image_token_id)
+        if len(pos) == self.n_visual and pos[-1] - pos[0] == self.n_visual - 1 and pos[0] > self.visual_start:
+            raise UserError(f"prompt too long for the model's chat template: it moves the image to token {pos[0]}, "
+                            f"these graphs take it at token {self.visual_start} (shorten the question)")
         if len(pos) != self.n_visual or pos[0] != self.visual_start or pos[-1] - pos[0] != self.n_visual - 1:
             raise UserError(
                 f"prompt puts {len(pos)} image tokens at {pos[0] if len(pos) else '-'}; the graphs were built for "
                 f"{self.n_visual} at {self.visual_start}"
             )
         return ids, np.asarray(enc["pixel_values"], np.float32)
+
+    def max_seq(self) -> int:
+        """Longest sequence (prompt + answer) these graphs run: export.max_seq, and never past the
+        model's max_position_embeddings."""
+        lim = [self.manifest["export"].get("max_seq"), self.manifest["model"].get("max_position_embeddings")]
+        return min([x for x in lim if x] or [1 << 31])
 
     def positions(self, T: int) -> np.ndarray:
         """Prompt position ids: [1,T] = 0..T-1, or M-RoPE planes [P,1,T] (manifest model.mrope)."""
@@ -266,10 +379,17 @@ class OrtRunner:
         return emb
 
     def generate(self, image: np.ndarray, question: str, max_new_tokens: int | None = None) -> RunResult:
-        max_new = max_new_tokens or self.manifest["export"]["max_new_tokens"]
+        from quota_export.limits import check_max_new_tokens
+
+        max_new = check_max_new_tokens(max_new_tokens or self.manifest["export"]["max_new_tokens"])
         ids, pix = self.encode(image, question)
+        T = ids.shape[1]
+        limit = self.max_seq()
+        if T + max_new > limit:
+            raise UserError(f"prompt of {T} tokens + max_new_tokens {max_new} is more than the graphs' sequence limit "
+                            f"{limit} (export.max_seq / max_position_embeddings)"
+                            + (f": at most {limit - T} new tokens" if T < limit else ": shorten the prompt"))
         emb = self.embeds(ids, pix)
-        T = emb.shape[1]
         pos = self.positions(T)
         out = self._run("prefill.onnx", {"inputs_embeds": emb, "position_ids": pos})
         kept = [out[f"kept.{i}"] for i in range(len(self.manifest["schedule"]))]

@@ -133,7 +133,16 @@ class GraphRunner(OrtRunner):
         return OnnxrtRunner(self.sessions[g], name=f"{self.backend}:{g}")
 
     def _run(self, g: str, feeds: dict) -> dict:
-        return dict(self.runners[g].infer(feeds))
+        from polygraphy.exception import PolygraphyException
+        from polygraphy.logger import G_LOGGER
+
+        from quota_export.runtime.ort import ort_errors
+
+        try:  # polygraphy prints a refusal before raising it: the CLI's one line says it instead
+            with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):
+                return dict(self.runners[g].infer(feeds))
+        except (PolygraphyException, *ort_errors()) as e:
+            raise self.refused(g, e) from None
 
     def close(self) -> None:
         """Deactivate the graph runners (polygraphy warns about runners left active)."""
