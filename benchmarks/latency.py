@@ -22,6 +22,11 @@ vision tower plays no part, and no parity is checked here) into these variants:
     w4a4kv4-r32@1   w4a4kv4 with `export.reductions: fp32` (Deployed.with_reductions(False) before
     quota-r32@1     lowering): RMSNorm statistics, RoPE tables, attention, SiLU and the pruning
                     signals in fp32 instead of float64; same weights, same KV cache format
+    w4a4kv4-int     w4a4kv4 / quota with `export.matmul: integer` (MatMulInteger over uint8 activation
+    quota-int       codes and int8 weight planes, lower/intlinear.py): the same weights and the same
+                    bits as the float form
+    w4a4kv4-intch   the same with per-output-channel weight scales (one GEMM per linear; other weights
+    quota-intch     than the group-32 rows, so compare them with fp32 and the peer only)
 
 @L is the session's `session.qdq_matmulnbits_accuracy_level` for ONNX Runtime's DQ+MatMul ->
 MatMulNBits fusion: 1 = fp32 compute, exact, what `OrtRunner` uses; 4 = int8 activations inside the
@@ -67,8 +72,13 @@ VARIANTS = {
     "quota@4": ("quota", 4),
     "w4a4kv4-r32@1": ("w4a4kv4-r32", 1),
     "quota-r32@1": ("quota-r32", 1),
+    "w4a4kv4-int": ("w4a4kv4-int", None),
+    "quota-int": ("quota-int", None),
+    "w4a4kv4-intch": ("w4a4kv4-intch", None),
+    "quota-intch": ("quota-intch", None),
 }
-PAIRS = (("w4a4kv4@1", "quota@1"), ("w4a4kv4@4", "quota@4"))  # (unpruned, pruned) at the same precision
+INT_ROWS = (("w4a4kv4-int", "w4a4kv4@1"), ("quota-int", "quota@1"), ("w4a4kv4-intch", None), ("quota-intch", None))
+PAIRS = (("w4a4kv4@1", "quota@1"), ("w4a4kv4@4", "quota@4"), ("w4a4kv4-int", "quota-int"))  # (unpruned, pruned) at the same precision
 R32_PAIRS = (("w4a4kv4@1", "w4a4kv4-r32@1"), ("quota@1", "quota-r32@1"))  # (fp64 reductions, fp32 reductions)
 PROFILED = tuple(dict.fromkeys(v for pair in PAIRS + R32_PAIRS for v in pair))
 PEER_LEVEL = 4
@@ -111,12 +121,14 @@ def schedule(n_visual: int, num_layers: int, stage_layers: list[int], budget: fl
     raise ValueError("no schedule meets the budget")
 
 
-def make_recipe(name: str, scheme: str, n_visual: int, stages: list[tuple[int, int]], budget: float):
-    from quota_export.recipe import Pruning, Quant, Recipe, ScoreWeights, Stage
+def make_recipe(name: str, scheme: str, n_visual: int, stages: list[tuple[int, int]], budget: float,
+                matmul: str = "float", channel: bool = False):
+    from quota_export.recipe import SCHEMES, Export, Pruning, Quant, Recipe, ScoreWeights, Stage
 
     st = [Stage(layer=l, keep=k, weights=ScoreWeights(magnitude=0.5, attention=1.0, risk=0.5)) for l, k in stages]
-    return Recipe(name=name, model="random-llava", quant=Quant(scheme=scheme),
-                  pruning=Pruning(budget=float(budget), n_visual=n_visual, stages=st))
+    w = SCHEMES[scheme].weights.model_copy(update={"granularity": "channel"}) if channel else None
+    return Recipe(name=name, model="random-llava", quant=Quant(scheme=scheme, weights=w),
+                  pruning=Pruning(budget=float(budget), n_visual=n_visual, stages=st), export=Export(matmul=matmul))
 
 
 # ---------------------------------------------------------------- graphs
@@ -246,7 +258,7 @@ def node_categories(model) -> dict[str, str]:
             c = ATTN
         elif re.search(r"_proj/", n) and op == "DequantizeLinear":
             c = WDQ
-        elif re.search(r"_proj/", n) and (op == "MatMul" or n.endswith("/ActScale")):
+        elif re.search(r"_proj/", n):  # MatMul / MatMulNBits or MatMulInteger, its scales
             c = LINEAR
         else:
             c = OTHER
@@ -400,6 +412,10 @@ def main(argv=None) -> int:
         "quota": (pruned, True),
         "w4a4kv4-r32": (full, False),
         "quota-r32": (pruned, False),
+        "w4a4kv4-int": (make_recipe("w4a4kv4-int", "w4a4kv4", n_visual, [], 1.0, "integer"), True),
+        "quota-int": (make_recipe("quota-int", "w4a4kv4", n_visual, stages, a.budget, "integer"), True),
+        "w4a4kv4-intch": (make_recipe("w4a4kv4-intch", "w4a4kv4", n_visual, [], 1.0, "integer", True), True),
+        "quota-intch": (make_recipe("quota-intch", "w4a4kv4", n_visual, stages, a.budget, "integer", True), True),
     }
     kept = pruned.kept_per_layer(spec.num_layers)
     variants = list(VARIANTS)
@@ -499,6 +515,10 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
         "quota@4": "W4A4KV4 + QUOTA schedule; level 4",
         "w4a4kv4-r32@1": "w4a4kv4@1 with `export.reductions: fp32` (not what `build` ships)",
         "quota-r32@1": "quota@1 with `export.reductions: fp32` (not what `build` ships)",
+        "w4a4kv4-int": "W4A4KV4 with `export.matmul: integer` (MatMulInteger; same weights and bits as w4a4kv4@1), all tokens",
+        "quota-int": "quota@1 with `export.matmul: integer`",
+        "w4a4kv4-intch": "w4a4kv4-int with per-output-channel weight scales (one GEMM per linear), all tokens",
+        "quota-intch": "quota-int with per-output-channel weight scales",
     }
     lines = [
         "# Latency, KV cache and size: what pruning + low-bit buy (ONNX Runtime CPU)",
@@ -597,12 +617,12 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
         "",
         "Op types in the decode graphs as ONNX Runtime optimizes them (did the 4-bit weights fuse into MatMulNBits?):",
         "",
-        "| graphs | MatMulNBits | MatMul | DequantizeLinear | Cast |",
-        "|---|---:|---:|---:|---:|",
+        "| graphs | MatMulNBits | MatMulInteger | MatMul | DequantizeLinear | Cast |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for f, c in ops.items():
-        lines.append(f"| {f} | {c.get('MatMulNBits', 0)} | {c.get('MatMul', 0)} | {c.get('DequantizeLinear', 0)} "
-                     f"| {c.get('Cast', 0)} |")
+        lines.append(f"| {f} | {c.get('MatMulNBits', 0)} | {c.get('MatMulInteger', 0)} | {c.get('MatMul', 0)} "
+                     f"| {c.get('DequantizeLinear', 0)} | {c.get('Cast', 0)} |")
     n64 = ops["w4a4kv4"].get("Cast", 0) - ops["w4a4kv4-r32"].get("Cast", 0)
     lines += [
         "",
@@ -612,6 +632,7 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
         "fp32 reductions.",
     ]
     q_t = sum(k + text for k in kept)
+    lines += ["", *integer_section(pf, dc, split, ms)]
     lines += ["", *reductions_section(pf, dc, split, ideal, cache, ms)]
     lines += [
         "",
@@ -646,7 +667,8 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
         "|---|---:|---:|---:|",
     ]
     f32 = sizes["fp32"]["prefill"] + sizes["fp32"]["decode"]
-    for f in ("fp32", "ort-int4", "w4a4kv4", "quota", "w4a4kv4-r32", "quota-r32"):
+    for f in ("fp32", "ort-int4", "w4a4kv4", "quota", "w4a4kv4-r32", "quota-r32", "w4a4kv4-int", "quota-int",
+              "w4a4kv4-intch", "quota-intch"):
         sz = sizes[f]
         lines.append(f"| {f} | {sz['prefill'] / 1e6:.1f} MB | {sz['decode'] / 1e6:.1f} MB | {(sz['prefill'] + sz['decode']) / f32:.3f} |")
     stored, packed = int4
@@ -661,6 +683,42 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
             "and the fp32 lm_head). ONNX Runtime's quantizer writes raw bytes.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def integer_section(pf, dc, split, ms) -> list[str]:
+    """The integer GEMM rows (`export.matmul: integer`) against fp32, the int4 peer and the float form."""
+    out = [
+        "## Integer GEMMs (`export.matmul: integer`)",
+        "",
+        "Paired ratios from the same interleaved run. The `-int` graphs compute the same bits as the float form "
+        "of the same weights (`w4a4kv4@1` / `quota@1`; checked by `verify` on the shipped model); `-intch` uses "
+        "per-output-channel weight scales, i.e. other weights (one GEMM per linear instead of one per scale-digit "
+        "plane).",
+        "",
+        "| variant | prefill ms | vs fp32 | vs ort-int4@4 | vs float form | decode ms / step | vs fp32 | "
+        "vs ort-int4@4 | vs float form |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v, ref in INT_ROWS:
+        row = [v]
+        for t in (pf, dc):
+            vs = f"{paired(t[v], t[ref]):.3f}" if ref else "-"
+            row += [ms(t[v]), f"{paired(t[v], t['fp32']):.3f}", f"{paired(t[v], t['ort-int4@4']):.3f}", vs]
+        out.append("| " + " | ".join(row) + " |")
+    ints = [p for p in PAIRS if p[0].endswith("-int")]
+    if ints:
+        u, p = ints[0]
+        out += [
+            "",
+            f"Where the integer prefill goes (profiler, kernel ms per run; the category table above has `{u}` and "
+            f"`{p}` beside the float form): linear layers {split[u][LINEAR]:.1f} ms of {sum(split[u].values()):.1f} "
+            f"({split[u][LINEAR] / sum(split[u].values()):.0%}) unpruned, attention {split[u][ATTN]:.1f} ms "
+            f"({split[u][ATTN] / sum(split[u].values()):.0%}); pruned: linear layers {split[p][LINEAR]:.1f} ms of "
+            f"{sum(split[p].values()):.1f} ({split[p][LINEAR] / sum(split[p].values()):.0%}), attention "
+            f"{split[p][ATTN]:.1f} ms ({split[p][ATTN] / sum(split[p].values()):.0%}), stage signals "
+            f"{split[p][S_SIG]:.1f} ms.",
+        ]
+    return out
 
 
 def kv_same_note(cache) -> str:

@@ -395,6 +395,10 @@ class Export(BaseModel):
     # tables, attention, SiLU, pruning signals): fp64 makes graphs and reference agree token for
     # token (reference.Deployed); fp32 is faster. The tensorrt target always uses fp32.
     reductions: Literal["fp64", "fp32"] = "fp64"
+    # Quantized linears of the onnx target: float (QuantizeLinear -> Cast -> MatMul over the 4-bit
+    # weights) or integer (MatMulInteger over uint8 activation codes and int8 weight codes, the same
+    # bits; needs quant.weights.accumulation: exact). The tensorrt target always lowers float.
+    matmul: Literal["float", "integer"] = "float"
 
     @field_validator("image_sizes")
     @classmethod

@@ -76,6 +76,7 @@ class DeployConfig:
     stages: list[StageCfg] = field(default_factory=list)
     merge: bool = False  # pruning.merge == "proportional" (ops/merge.py)
     fp64: bool = True  # export.reductions == "fp64"
+    int_mm: bool = False  # export.matmul == "integer": the onnx target's integer GEMMs (ops/linear.py)
 
     @classmethod
     def of(cls, scheme: str, **kw) -> DeployConfig:
@@ -92,12 +93,17 @@ class DeployConfig:
             from quota_export import UserError
 
             raise UserError("quant.activations.rotation: 'hadamard' is not lowered yet; use 'none'")
+        if recipe.export.matmul == "integer" and rq.weights.accumulation != "exact":
+            from quota_export import UserError
+
+            raise UserError("export.matmul: 'integer' needs quant.weights.accumulation: exact (the integer GEMM "
+                            "equals the float path only on the exact grid)")
         keeps = recipe.pruning.keeps_for(recipe.pruning.n_visual if n_visual is None else n_visual)
         stages = [StageCfg(s.layer, k, tuple(getattr(s.weights, x) for x in SIGNALS),
                            tuple(getattr(s.sigma, x) for x in SIGNALS), s.select)
                   for s, k in zip(recipe.pruning.stages, keeps)]
         return cls(quant=rq, stages=stages, merge=recipe.pruning.merge == "proportional",
-                   fp64=recipe.export.reductions == "fp64")
+                   fp64=recipe.export.reductions == "fp64", int_mm=recipe.export.matmul == "integer")
 
     @property
     def weights(self):

@@ -19,18 +19,18 @@ decode rebuilds each stage's key bias from its merge.{s} inputs (the cached keys
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 
-from quota_export.ops.act_quant import act_quant_onnx
+from quota_export.ops.act_quant import act_quant_onnx, code_zero_point
 from quota_export.ops.attention import attend_onnx
 from quota_export.ops.base import Emit
 from quota_export.ops.gather import build_gather_subgraph, build_plugin_node
 from quota_export.ops.graph import FLOAT, INT64, Graph
 from quota_export.ops.kv_cache import KVLayout, KVNames, boundary_specs, kv_dequant_onnx, kv_quant_onnx
-from quota_export.ops.linear import linear_onnx, weight_onnx
+from quota_export.ops.linear import integer_linear_onnx, integer_plan, linear_onnx, weight_onnx
 from quota_export.ops.maxmin import maxmin_score_onnx
 from quota_export.ops.merge import key_bias_onnx, merge_counts_onnx
 from quota_export.ops.norm import rmsnorm_onnx
@@ -85,6 +85,9 @@ class DecoderLowering:
         self.visual_start = visual_start
         self.fp64 = dep.cfg.fp64
         Emit(Graph("check"), self.fp64, target)  # validates target and precision
+        # export.matmul: integer: uint8 activation codes into MatMulInteger (ops/linear.py, the same
+        # bits as the float form); the tensorrt target always lowers the float form
+        self.integer = target == "onnx" and self.cfg.int_mm and self.cfg.a_bits < 16
         self.kv = KVLayout(self.cfg.kv_bits, self.cfg.kv_group, self.spec.kv_heads, self.spec.head_dim)
 
     def pos_shape(self, seq):
@@ -110,15 +113,33 @@ class DecoderLowering:
             self._w_cache[key] = weight_onnx(e, qw, self.dep.W[l][lin], f"model/layers.{l}/{SHORT[lin]}")
         return self._w_cache[key]
 
+    def act_quant(self, e: Emit, x, dim: int, name: str):
+        return act_quant_onnx(e, x, self.cfg.a_bits, dim, name, uint8=self.integer)
+
+    def float_codes(self, e: Emit, xq):
+        """(codes, scale) with the codes as fp32 integers (export.matmul: integer: uint8 - zero point)."""
+        if not self.integer:
+            return xq
+        key = f"codes:{xq[0]}"
+        if key not in self._w_cache:
+            f = e.op("Cast", [xq[0]], to=FLOAT, name="codes_float")
+            self._w_cache[key] = e.op("Sub", [f, e.const(float(code_zero_point(self.cfg.a_bits)))], name="Integers")
+        return self._w_cache[key], xq[1]
+
     def linear(self, e: Emit, x, l: int, lin: str, x_q=None):
         """A linear of layer l on x; `x_q` reuses an already quantized input (codes, scale)."""
         quant = self.dep.quantized[l][lin] and self.cfg.a_bits < 16
         if quant and x_q is None:
-            dim = self.dep.W[l][lin].shape[1]
-            x_q = act_quant_onnx(e, x, self.cfg.a_bits, dim, f"model/layers.{l}/{SHORT[lin]}/input_quant")
+            x_q = self.act_quant(e, x, self.dep.W[l][lin].shape[1], f"model/layers.{l}/{SHORT[lin]}/input_quant")
+        scope = f"model/layers.{l}/{SHORT[lin]}"
+        if quant and self.integer:
+            qw = self.dep.qweights[f"{self.spec.module_prefix}.layers.{l}.{lin}"]
+            plan = integer_plan(qw, self.cfg.a_bits)
+            if plan is not None:
+                return integer_linear_onnx(e, x_q[0], qw, plan, self.cfg.a_bits, x_q[1], self.dep.B[l][lin], scope)
+            x_q = self.float_codes(e, x_q)
         w = self.weight(e, l, lin)
-        return linear_onnx(e, x_q[0] if quant else x, w, x_q[1] if quant else None, self.dep.B[l][lin],
-                           f"model/layers.{l}/{SHORT[lin]}")
+        return linear_onnx(e, x_q[0] if quant else x, w, x_q[1] if quant else None, self.dep.B[l][lin], scope)
 
     def heads(self, e: Emit, x, n_heads: int, name: str):
         """[1,T,n*d] -> [1,n,T,d]"""
@@ -133,7 +154,7 @@ class DecoderLowering:
                           self.spec.rms_eps, f"model/layers.{l}/{norm}")
         xq = None
         if self.dep.quantized[l][first] and self.cfg.a_bits < 16:
-            xq = act_quant_onnx(e, xn, self.cfg.a_bits, self.spec.hidden, f"model/layers.{l}/{block}/input_quant")
+            xq = self.act_quant(e, xn, self.spec.hidden, f"model/layers.{l}/{block}/input_quant")
         return xn, xq
 
     def qkv(self, e: Emit, l: int, h, cos, sin, kv_scope: str | None = None) -> QKVNames:
@@ -198,6 +219,8 @@ class DecoderLowering:
             cos, sin = self.rope_tables(e, pos, "rope")
         a = self.qkv(e, l, h, cos, sin, kv_scope=scope)
         with e.scope(scope):
+            if a.xq is not None:
+                a = replace(a, xq=self.float_codes(e, a.xq))
             # cosine of the attention input's integer codes (else the normed input): the
             # diversity signal, max-min selection and merging read it
             cosine = cosine_onnx(e, a.xn if a.xq is None else a.xq[0], s0, n)

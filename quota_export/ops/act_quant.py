@@ -8,12 +8,16 @@ The quantized linear (ops/linear.py) multiplies the integers q and applies s aft
 
     onnx target:      x ─ Abs ─ ReduceMax(-1) ─ Max(EPS) ─ Div(qmax) = s
                       QuantizeLinear(x, s, block = dim, int4|int8) ─ Cast(f32) = q
+                      uint8=True (the integer linear, ops/linear.py): Div(x, s) ─ QuantizeLinear(1,
+                      zero point 2^(bits-1)) = q + zp as uint8 (|x| <= max|x| keeps |q| <= qmax: no
+                      saturation, as the clamp to [-qmax-1, qmax] never acts)
     tensorrt target:  the same s; q = Clip(Round(x / s), -qmax-1, qmax) in float (TensorRT has
                       no INT4 activations and wants constant Q/DQ scales), exact to the Q/DQ pair
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import torch
 
@@ -41,14 +45,23 @@ def fake_quant_act(x: torch.Tensor, bits: int) -> torch.Tensor:
     return dequantize(q, s)
 
 
-def act_quant_onnx(e: Emit, x, bits: int, dim: int, name: str):
-    """-> (q, s): the integers as float and the per-token scale."""
+def code_zero_point(bits: int) -> int:
+    """The zero point of the uint8 activation codes: q + 2^(bits-1) lies in [1, 2^bits - 1]."""
+    return 2 ** (bits - 1)
+
+
+def act_quant_onnx(e: Emit, x, bits: int, dim: int, name: str, uint8: bool = False):
+    """-> (q, s): the integers as float (or, `uint8`, as uint8 codes q + code_zero_point) and the
+    per-token scale."""
     qmax = 2 ** (bits - 1) - 1
     with e.scope(name):
         a = e.op("Abs", [x])
         m = e.op("ReduceMax", [a, e.ax([-1])], keepdims=1)
         m = e.op("Max", [m, e.const(EPS)])
         s = e.op("Div", [m, e.const(float(qmax))], name="Scale")
+        if uint8:
+            xs = e.op("Div", [x, s])
+            return e.op("QuantizeLinear", [xs, e.const(1.0), e.const(code_zero_point(bits), np.uint8)], name="Codes"), s
         if e.target == "tensorrt":
             q = e.op("Round", [e.op("Div", [x, s])])
             return e.op("Clip", [q, e.const(float(-qmax - 1)), e.const(float(qmax))], name="Saturate"), s
