@@ -33,6 +33,7 @@ class BlsRunner(OrtRunner):
         self.manifest = read_manifest(self.dir)
         self.prefix = prefix
         self.outputs = {g: [o["name"] for o in info["outputs"]] for g, info in self.manifest["graphs"].items()}
+        self.sessions = {}  # none here: the graphs are the repository's models
         self._load_model_info()
 
     def _run(self, g: str, feeds: dict) -> dict:

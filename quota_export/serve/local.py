@@ -185,17 +185,20 @@ def kill_and_restart(srv: LocalServer, samples, clients: int, requests: int, ref
     """`load` on a running srv; once `after` answers are in, SIGKILL its process group and start it
     again on the same ports. -> (verdict, {"at", "t", "down"}, requests in flight at the kill)."""
     killed: dict = {}
+    once = threading.Lock()
 
     def on_answer(done):
-        if done >= after and not killed:
+        with once:  # two clients answered at once must not both kill (and restart) the server
+            if done < after or killed:
+                return
             killed["at"] = done
             killed["t"] = time.monotonic()
-            srv.kill()
+        srv.kill()
 
-            def restart():
-                killed["down"] = srv.start(PHASE_DEADLINE_S)
+        def restart():
+            killed["down"] = srv.start(PHASE_DEADLINE_S)
 
-            threading.Thread(target=restart).start()
+        threading.Thread(target=restart).start()
 
     res = load(srv.ports, samples, clients, requests, on_answer)
     first_fail: dict = {}
