@@ -499,7 +499,9 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
     text = T - n_visual
     ideal = sum(k + text for k in kept) / (L * T)
     pf, dc = timed.prefill, timed.decode
-    ms = lambda xs: f"{med(xs) * 1e3:.1f}"
+    def ms(xs):
+        return f"{med(xs) * 1e3:.1f}"
+
     fp16_full = 2 * L * spec.kv_heads * T * spec.head_dim * 2
     kvq = cache["quota@1"]
     kv_ratio = kvq["total"] / fp16_full
@@ -648,7 +650,8 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
         f"| of which scales (fp32, one per row, head and k/v: group = head_dim) | {kvq['scale']:,} | {kvq['scale'] / fp16_full:.4f} |",
         f"| of which zero points (uint8) | {kvq['zero']:,} | {kvq['zero'] / fp16_full:.4f} |",
         f"| same with fp16 scales (what-if) | {kvq['total'] - kvq['scale'] // 2:,} | {(kvq['total'] - kvq['scale'] // 2) / fp16_full:.4f} |",
-        f"| same with fp16 scales and 4-bit zero points (what-if) | {kvq['total'] - kvq['scale'] // 2 - kvq['zero'] // 2:,} | {(kvq['total'] - kvq['scale'] // 2 - kvq['zero'] // 2) / fp16_full:.4f} |",
+        f"| same with fp16 scales and 4-bit zero points (what-if) | {kvq['total'] - kvq['scale'] // 2 - kvq['zero'] // 2:,} | "
+        f"{(kvq['total'] - kvq['scale'] // 2 - kvq['zero'] // 2) / fp16_full:.4f} |",
         "",
         kv_same_note(cache),
         "",

@@ -191,10 +191,10 @@ def main(argv=None) -> int:
         sys.exit(f"error: --bench: {args.bench} not found")
 
     import torch
+    from rowcache import RowCache
 
     from quota_export import UserError
     from quota_export.evaluate import Harness
-    from rowcache import RowCache
 
     torch.set_num_threads(args.threads)
     ma, mb = parse_method(args.a), parse_method(args.b)

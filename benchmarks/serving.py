@@ -46,8 +46,7 @@ def main() -> int:
         raise SystemExit("--clients x --requests: keep it between 1 and 400 (a bounded load)")
     from quota_export.data import load_bench, load_image
     from quota_export.runtime.ort import OrtRunner
-    from quota_export.serve.local import PHASE_DEADLINE_S, RETRY_PAUSE_S, RETRY_WINDOW_S, LocalServer, \
-        kill_and_restart, load, verdict
+    from quota_export.serve.local import PHASE_DEADLINE_S, RETRY_PAUSE_S, RETRY_WINDOW_S, LocalServer, kill_and_restart, load, verdict
 
     started = time.monotonic()
     tmp = tempfile.TemporaryDirectory(prefix="serving-bench-")

@@ -200,10 +200,9 @@ def _run_args(p):
 @args(_run_args)
 def cmd_run(a) -> int:
     from quota_export.data import load_image
+    from quota_export.limits import check_max_new_tokens, check_text
     from quota_export.runtime.ort import graph_sets, set_for_image
     from quota_export.runtime.runners import GraphRunner
-
-    from quota_export.limits import check_max_new_tokens, check_text
 
     if a.max_new_tokens is not None:
         check_max_new_tokens(a.max_new_tokens, "--max-new-tokens")

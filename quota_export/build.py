@@ -13,8 +13,6 @@ removed and an older build at the same place is left untouched. docs/reliability
 from __future__ import annotations
 
 import dataclasses
-
-import hashlib
 import json
 import os
 import shlex

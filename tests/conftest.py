@@ -83,10 +83,12 @@ def make_tiny_qwen2_vl(out: Path, seed: int = 0, layers: int = 3, hidden: int = 
     ip = Qwen2VLImageProcessorPil(do_resize=False, patch_size=patch, merge_size=2, temporal_patch_size=2,
                                   min_pixels=image * image, max_pixels=image * image)
     if arch == "Qwen2VLForConditionalGeneration":
-        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
         vision = dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=4, mlp_ratio=4)
     else:
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
         vision = dict(depth=2, hidden_size=32, out_hidden_size=hidden, intermediate_size=64, num_heads=4,
                       window_size=4 * patch, fullatt_block_indexes=[1])
     cfg = Config(
@@ -134,8 +136,7 @@ def make_tiny_llava_next(out: Path, seed: int = 1, layers: int = 3, hidden: int 
     resize, no padding) -> pixel_values [1,5,3,48,48] -> 36 base + 12*12 grid + 12 newline = 192
     visual tokens. Saved like a download (config, safetensors, tokenizer, preprocessor_config.json,
     processor_config.json + chat template)."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextProcessor)
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     from calib_data.shapes.model import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, build_tokenizer

@@ -14,11 +14,11 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from conftest import ROOT, make_tiny_llava
 
 from quota_export.__main__ import main
 from quota_export.build import build
 from quota_export.recipe import load_recipe
-from conftest import ROOT, make_tiny_llava
 
 TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 SAMPLES = 12

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from quota_export.__main__ import main
-from conftest import ROOT
 
 TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 STAGES = [{"layer": 1, "keep": 72}, {"layer": 2, "keep": 30}]

@@ -79,7 +79,7 @@ def test_harness_methods(tiny_llava, tmp_path):
 
 
 def test_blank_image_shapes(tiny_llava):
-    from calib_data.shapes import render, make_scene
+    from calib_data.shapes import make_scene, render
     from quota_export import models
     from quota_export.evaluate import blank_image
 
@@ -114,12 +114,11 @@ def test_paired_bootstrap():
     measure no difference; a method right on many more samples is found better, with an interval
     that excludes 0; methods measured on other samples are refused."""
     import importlib.util
+    from pathlib import Path
 
     import numpy as np
 
     from quota_export.evaluate import per_task_accuracy, retention
-
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "paired.py"
     spec = importlib.util.spec_from_file_location("paired", path)

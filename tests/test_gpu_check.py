@@ -7,12 +7,13 @@ import json
 import subprocess
 
 from conftest import ROOT, make_tiny_llava
+from test_build import write_recipe
+from test_runners import S_WEIGHTED, TEST_SPLIT
+
 from quota_export.build import build
 from quota_export.lower.tensorrt_target import engine_unavailable_reason
 from quota_export.recipe import load_recipe
 from quota_export.runtime.runners import backend_unavailable_reason
-from test_build import write_recipe
-from test_runners import S_WEIGHTED, TEST_SPLIT
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -20,12 +20,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-import yaml
-
 from conftest import ROOT
+from test_cli_errors import TEST_SPLIT, cli, one_error, recipe
+
 from quota_export import UserError, limits, publish
 from quota_export.__main__ import main
-from test_cli_errors import TEST_SPLIT, cli, one_error, recipe
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -566,7 +565,7 @@ def test_expected_failures_map_to_one_line_and_bugs_do_not():
         try:
             raise KeyboardInterrupt("terminated")
         except KeyboardInterrupt:
-            raise ImportError("initialization failed")
+            raise ImportError("initialization failed")  # noqa: B904 (as ORT re-wraps it, context kept)
     except ImportError as e:
         assert expected_failure(e) == ("terminated", 143)
     assert expected_failure(KeyboardInterrupt()) == ("interrupted", 130)

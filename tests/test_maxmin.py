@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_merge import run, session
 
 from calib_data.shapes import make_sample, render
 from quota_export import models
@@ -20,8 +21,6 @@ from quota_export.prune.selectors import divprune, maxmin_order
 from quota_export.recipe import Recipe
 from quota_export.reference import DeployConfig, Deployed, StageCfg
 from quota_export.verify import sqnr_db
-
-from test_merge import run, session
 
 torch.set_num_threads(1)
 ONES = (1.0, 1.0, 1.0, 1.0)

@@ -10,8 +10,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import ROOT, make_tiny_llava, make_tiny_llava_next, make_tiny_qwen2_vl
+
 from quota_export import models
 from quota_export.__main__ import main
 

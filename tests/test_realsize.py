@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, make_tiny_llava
+
 from quota_export.__main__ import main
 from quota_export.build import build
 from quota_export.recipe import load_recipe
@@ -98,6 +98,7 @@ def test_bf16_reference_reads_the_fp32_upcast_values_in_every_family(family, tmp
     both) and the same decoder values in the reference, bit for bit; hence the same answers.
     (Logits agree to fp32 rounding only: BLAS may sum in another order for another memory layout.)"""
     from conftest import make_tiny_llava_next, make_tiny_qwen2_vl
+
     from quota_export import models
     from quota_export.reference import DeployConfig, Deployed
 

@@ -11,12 +11,13 @@ import yaml
 
 pytest.importorskip("matplotlib", reason="the report figures need matplotlib")
 
+from conftest import ROOT, make_tiny_llava
+
 from quota_export import UserError
 from quota_export.__main__ import main
 from quota_export.build import build
 from quota_export.recipe import load_recipe
 from quota_export.report import layers_seen, patch_grid, sqnr_values
-from conftest import ROOT, make_tiny_llava
 
 STAGES = [{"layer": 1, "keep": 72}, {"layer": 2, "keep": 30}]  # 4 layers: mean (144+72+30+30)/4 = 69 <= 0.5*144
 

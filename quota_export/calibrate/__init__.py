@@ -19,8 +19,18 @@ import torch
 from quota_export import UserError, versions
 from quota_export.calibrate.evaluator import Evaluator, kl, select_samples, sig_digits
 from quota_export.calibrate.search import SearchResult, naive_stages, search
-from quota_export.calibrate.space import (MAXMIN, STARTS, W_GRID, CandStage, Candidate, Scorer, layer_grid,
-                                          shape_candidates, start_vectors, weight_grid)
+from quota_export.calibrate.space import (
+    MAXMIN,
+    STARTS,
+    W_GRID,
+    Candidate,
+    CandStage,
+    Scorer,
+    layer_grid,
+    shape_candidates,
+    start_vectors,
+    weight_grid,
+)
 from quota_export.prune.schedule import geometric_keeps, total_kept
 from quota_export.recipe import SIGNALS
 

@@ -4,7 +4,7 @@ The unpruned quantized stream of every calibration sample is computed once (the 
 layer, and the reference log-probabilities); a candidate runs from its first stage layer on it,
 and within a batch of candidates the states and signals of a common stage prefix are computed
 once. The result equals `Deployed.prefill` with the same stages bit for bit
-(tests/test_calibrate.py).
+(tests/calibrate/test_calibrate.py).
 """
 
 from __future__ import annotations

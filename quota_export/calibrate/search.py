@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from quota_export import UserError
 from quota_export.calibrate.evaluator import Evaluator
-from quota_export.calibrate.space import (R_FINE, W_GRID, CandStage, Candidate, shape_candidates, start_vectors,
-                                          weight_grid)
+from quota_export.calibrate.space import R_FINE, W_GRID, Candidate, CandStage, shape_candidates, start_vectors, weight_grid
 from quota_export.prune.schedule import budget_cap, geometric_keeps
 from quota_export.recipe import SIGNALS
 

@@ -11,10 +11,10 @@ import warnings
 from pathlib import Path
 
 import onnx
-from quota_export import __version__
-from onnx import version_converter
 import torch
+from onnx import version_converter
 
+from quota_export import __version__
 from quota_export.lower import external
 from quota_export.lower.decoder import DecoderLowering, embed_graph
 from quota_export.reference import Deployed

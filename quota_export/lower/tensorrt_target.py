@@ -19,11 +19,11 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from quota_export.lower.decoder import DecoderLowering, embed_graph
-from quota_export.ops.gather import PLUGIN_DOMAIN, PLUGIN_OP, build_gather_subgraph
-from quota_export.lower.onnx_target import vision_graph
 from quota_export.lower import external
+from quota_export.lower.decoder import DecoderLowering, embed_graph
+from quota_export.lower.onnx_target import vision_graph
 from quota_export.lower.trt_check import check_model
+from quota_export.ops.gather import PLUGIN_DOMAIN, PLUGIN_OP, build_gather_subgraph
 from quota_export.reference import Deployed
 
 

@@ -92,6 +92,4 @@ def load(path: str | Path, attn: str = "eager") -> Adapter:
 
 
 # register the families
-from quota_export.models import llava  # noqa: E402,F401
-from quota_export.models import qwen2_vl  # noqa: E402,F401
-from quota_export.models import llava_next  # noqa: E402,F401
+from quota_export.models import llava, llava_next, qwen2_vl  # noqa: E402,F401,I001

@@ -109,8 +109,7 @@ class Adapter:
     def from_pretrained(cls, path: Path) -> "Adapter":
         """Checkpoint + processor of a local HF folder, every problem one UserError line; then
         `check` rejects what the adapter does not lower."""
-        from quota_export import UserError
-        from quota_export import one_line
+        from quota_export import UserError, one_line
         from quota_export.models.loading import load_checkpoint, load_processor
 
         config_cls, model_cls = cls.hf_classes()

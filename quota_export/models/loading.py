@@ -11,8 +11,7 @@ import json
 import pickle
 from pathlib import Path
 
-from quota_export import UserError
-from quota_export import one_line
+from quota_export import UserError, one_line
 from quota_export.models import quiet_hf
 
 # processor_class (processor_config.json) -> callable(path) building an equivalent processor from

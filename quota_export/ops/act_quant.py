@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 import torch
 
-from quota_export.ops.graph import FLOAT
 from quota_export.ops.base import Emit
+from quota_export.ops.graph import FLOAT
 from quota_export.quant.quantizers import EPS, dequantize, qrange, quantize
 
 

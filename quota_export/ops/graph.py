@@ -12,8 +12,9 @@ import contextlib
 
 import numpy as np
 import onnx
-from quota_export import __version__
 from onnx import TensorProto, helper, numpy_helper
+
+from quota_export import __version__
 
 FLOAT, DOUBLE, INT64, UINT8, INT4, INT8 = (
     TensorProto.FLOAT,

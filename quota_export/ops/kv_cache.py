@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quota_export.ops.graph import FLOAT, UINT8
 from quota_export.ops.base import Emit
+from quota_export.ops.graph import FLOAT, UINT8
 from quota_export.quant.quantizers import EPS, qrange, quantize
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quota_export.ops.graph import INT64
 from quota_export.ops.base import Emit
+from quota_export.ops.graph import INT64
 
 
 def maxmin_order(sim: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quota_export.ops.graph import DOUBLE, FLOAT
 from quota_export.ops.base import Emit
+from quota_export.ops.graph import DOUBLE, FLOAT
 
 
 def rotate_half(x):

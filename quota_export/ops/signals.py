@@ -25,9 +25,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from quota_export.ops.graph import FLOAT
 from quota_export.ops.attention import Heads, attend, attend_onnx
 from quota_export.ops.base import Emit
+from quota_export.ops.graph import FLOAT
 
 SCORE_GRID_BITS = 10  # scores are compared at a resolution of 2^-10 (recipe sigmas make them O(1))
 

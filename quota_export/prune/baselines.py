@@ -38,9 +38,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from quota_export.ops.gather import stable_topk
 from quota_export.prune.schedule import geometric_keeps
 from quota_export.prune.selectors import divprune, random_keep
-from quota_export.ops.gather import stable_topk
 
 METHODS = ("fastv", "pdrop", "sparsevlm", "divprune", "random")
 PDROP_LAMBDA = 0.5

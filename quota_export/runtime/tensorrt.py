@@ -14,7 +14,7 @@ before the image, the image, one token after) to the manifest's export.max_seq.
 
 UNVERIFIED: needs TensorRT (>= 10.9, with tensorrt.plugin) and an NVIDIA GPU; neither exists on the
 development machines, so nothing here has built or run an engine there (docs/gpu.md). What is
-checked on CPU: the polygraphy loader chain is built as described (tests/test_runners.py).
+checked on CPU: the polygraphy loader chain is built as described (tests/runtime/test_runners.py).
 """
 
 from __future__ import annotations

@@ -22,8 +22,7 @@ import torch
 import yaml
 from onnx import TensorProto
 
-from quota_export.ops.gather import make_gather_model
-from quota_export.ops.gather import stable_topk
+from quota_export.ops.gather import make_gather_model, stable_topk
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # plugins/ is not an installed package
@@ -194,8 +193,7 @@ def test_aot_ptx_compiles_and_assembles(arch, shape, tmp_path):
 
 
 def test_plugin_module_imports_without_tensorrt():
-    from plugins.quotaTokenGather import PLUGIN_ID
-    from plugins.quotaTokenGather import plugin
+    from plugins.quotaTokenGather import PLUGIN_ID, plugin
 
     assert plugin.PLUGIN_ID == PLUGIN_ID == "quota::TokenGather"
     try:

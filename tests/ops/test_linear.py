@@ -83,7 +83,7 @@ def test_integer_linear_equals_torch(K, N, group, a_bits, sym, w_bits):
 
 def test_integer_planes_are_the_weight():
     """sum_j planes_j * factors_j == W'^T exactly, and the planes fit int8."""
-    from quota_export.ops.linear import integer_planes, integer_plan
+    from quota_export.ops.linear import integer_plan, integer_planes
 
     qw = quantize_weight(randn(40, 192, seed=6), 4, True, 64, scale_bits=exact_scale_bits(192, 4, True, 4))
     plan = integer_plan(qw, 4)

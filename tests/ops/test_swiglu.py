@@ -1,9 +1,9 @@
 import numpy as np
+import torch
 from op_harness import onnx_run, randn
 
 from quota_export.ops.graph import FLOAT
 from quota_export.ops.swiglu import swiglu, swiglu_onnx
-import torch
 
 
 def test_swiglu_torch_equals_onnx():

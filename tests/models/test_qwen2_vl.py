@@ -14,13 +14,13 @@ import onnx
 import pytest
 import torch
 import yaml
+from conftest import ROOT, assert_generate_matches_hf, vision_graph_run
 
 from quota_export import UserError, models
 from quota_export.build import build
 from quota_export.data import load_bench, load_image
 from quota_export.recipe import load_recipe
 from quota_export.reference import DeployConfig, Deployed, decode_position
-from conftest import ROOT, assert_generate_matches_hf, vision_graph_run
 
 TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 N_VISUAL = 36
@@ -86,7 +86,8 @@ def test_reference_matches_hf_logits(adapter, samples):
         step = dep.decode(e, decode_position(p.next_position, p.positions()), out.cache)
         with torch.no_grad():
             hf2 = adapter.model(**{**_hf_inputs(adapter, p), "input_ids": torch.cat([p.input_ids, torch.tensor([[t]])], 1),
-                                   "mm_token_type_ids": torch.cat([_hf_inputs(adapter, p)["mm_token_type_ids"], torch.zeros(1, 1, dtype=torch.int)], 1)})
+                                   "mm_token_type_ids": torch.cat([_hf_inputs(adapter, p)["mm_token_type_ids"],
+                                                                   torch.zeros(1, 1, dtype=torch.int)], 1)})
         torch.testing.assert_close(step, hf2.logits[:, -1], rtol=0, atol=1e-4)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from quota_export.ops.act_quant import fake_quant_act
 from quota_export.quant.gptq import HessianAccumulator, gptq, gptq_quantize
 from quota_export.quant.hadamard import (
     HadamardLinear,
@@ -21,7 +22,6 @@ from quota_export.quant.quantizers import (
     quantize,
     quantize_weight,
 )
-from quota_export.ops.act_quant import fake_quant_act
 from quota_export.quant.rtn import rtn
 from quota_export.recipe import GPTQArgs, WeightQuant
 

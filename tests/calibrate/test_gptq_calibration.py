@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, make_tiny_llava
+
 from quota_export.__main__ import main
 
 torch.set_num_threads(1)
@@ -44,10 +44,11 @@ def test_same_inputs_same_bytes(calibrated):
 
 
 def test_recipe_names_the_file_and_it_loads(calibrated, model):
+    from safetensors import safe_open
+
     from quota_export.build import load_deployed
     from quota_export.recipe import load_recipe
     from quota_export.reference import rtn_weights
-    from safetensors import safe_open
 
     r = load_recipe(calibrated[0])
     w = r.resolved_quant().weights

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from quota_export import models
 from conftest import ROOT
+
+from quota_export import models
 
 # family -> the test module that builds a tiny random checkpoint of it and checks the whole pipeline
 PIPELINE_TESTS = {
     "LlavaForConditionalGeneration": "test_build.py",
-    "LlavaNextForConditionalGeneration": "test_llava_next.py",
-    "Qwen2VLForConditionalGeneration": "test_qwen2_vl.py",
-    "Qwen2_5_VLForConditionalGeneration": "test_qwen2_5_vl.py",
+    "LlavaNextForConditionalGeneration": "models/test_llava_next.py",
+    "Qwen2VLForConditionalGeneration": "models/test_qwen2_vl.py",
+    "Qwen2_5_VLForConditionalGeneration": "models/test_qwen2_5_vl.py",
 }
 
 

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
 from quota_export.__main__ import main
 from quota_export.runtime import runners
 from quota_export.runtime.ort import GRAPHS, OrtRunner
@@ -23,9 +23,10 @@ S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0, "dive
 @pytest.fixture(scope="module")
 def built(tiny_llava, tmp_path_factory):
     """A W4A4KV4 build with merging (counts into decode) of the tiny model: (recipe, BuildResult)."""
+    from test_build import write_recipe
+
     from quota_export.build import build
     from quota_export.recipe import load_recipe
-    from test_build import write_recipe
 
     root = tmp_path_factory.mktemp("runners")
     r = write_recipe(root / "r.yaml", "runners", tiny_llava, {"scheme": "w4a4kv4"},

@@ -19,7 +19,7 @@ from quota_export.data import BenchSample, load_bench, load_image
 
 torch.set_num_threads(1)
 
-SHAPES_DIR = Path(__file__).resolve().parents[1] / "calib_data" / "shapes"
+SHAPES_DIR = Path(__file__).resolve().parents[2] / "calib_data" / "shapes"
 SPLIT_FILES = {name: SHAPES_DIR / f"{name}.jsonl" for name in SPLITS}
 
 

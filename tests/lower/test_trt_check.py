@@ -7,8 +7,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quota_export import UserError
-from quota_export.ops.gather import build_gather_subgraph, make_gather_model
 from quota_export.lower.trt_check import TrtCheckError, check_model, check_or_raise
+from quota_export.ops.gather import build_gather_subgraph, make_gather_model
 
 F, I8, I4, U4, I64 = TensorProto.FLOAT, TensorProto.INT8, TensorProto.INT4, TensorProto.UINT4, TensorProto.INT64
 

@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from conftest import ROOT
 
 from quota_export import UserError
 from quota_export.build import build
 from quota_export.recipe import load_recipe
 from quota_export.reference import DeployConfig
-from conftest import ROOT
 
 TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 

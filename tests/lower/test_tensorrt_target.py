@@ -10,9 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import ROOT
 
 from calib_data.shapes import make_sample, render
-from conftest import ROOT
 from quota_export import models
 from quota_export.lower import onnx_target, tensorrt_target
 from quota_export.recipe import ActQuant, KVQuant, ResolvedQuant, WeightQuant
@@ -155,8 +155,8 @@ def test_mrope_family_builds_for_tensorrt(tmp_path, capsys):
     import json
 
     import yaml
-
     from conftest import make_tiny_qwen2_vl
+
     from quota_export.__main__ import main
 
     model = make_tiny_qwen2_vl(tmp_path / "m")

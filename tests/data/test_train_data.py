@@ -93,7 +93,7 @@ def test_slot_layout_puts_the_image_at_one_position():
 
     from calib_data.shapes.model import QUESTION_SLOT, build_processor
 
-    root = Path(__file__).resolve().parents[1] / "calib_data" / "shapes"
+    root = Path(__file__).resolve().parents[2] / "calib_data" / "shapes"
     tok = build_tokenizer()
     proc = build_processor(tok, "slot")
     image_id = tok.get_vocab()["<image>"]

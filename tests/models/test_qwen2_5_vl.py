@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_qwen2_vl
+from test_qwen2_vl import N_VISUAL, S_WEIGHTED, TEST_SPLIT, _hf_inputs, _recipe
 
 from quota_export import models
 from quota_export.build import build
 from quota_export.reference import DeployConfig, Deployed
-from conftest import make_tiny_qwen2_vl
-from test_qwen2_vl import N_VISUAL, S_WEIGHTED, TEST_SPLIT, _hf_inputs, _recipe
 
 
 @pytest.fixture(scope="module")

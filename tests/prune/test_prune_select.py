@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from quota_export.prune.selectors import cosine_distance, divprune, random_keep
 from quota_export.ops.gather import stable_topk
+from quota_export.prune.selectors import cosine_distance, divprune, random_keep
 
 torch.set_num_threads(1)
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import ROOT, assert_generate_matches_hf, make_tiny_llava_next, vision_graph_run
 
 from quota_export import UserError, models
 from quota_export.build import build
 from quota_export.data import load_bench, load_image
 from quota_export.recipe import load_recipe
 from quota_export.reference import DeployConfig, Deployed
-from conftest import ROOT, assert_generate_matches_hf, make_tiny_llava_next, vision_graph_run
 
 TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 N_VISUAL = 192

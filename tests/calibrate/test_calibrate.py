@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from quota_export.calibrate import (
     Evaluator,
@@ -91,9 +91,9 @@ def test_fast_path_equals_reference_prefill(tiny_llava, merge):
     """Evaluator (cached prefix, memoised stages, stream-measured sigmas) == Deployed.prefill bit for bit,
     with and without merging (the counts and key bias carried from stage to stage)."""
     from quota_export import models
+    from quota_export.calibrate import MAXMIN, CandStage, Scorer
     from quota_export.data import load_bench, load_image
     from quota_export.prune.baselines import restaged
-    from quota_export.calibrate import MAXMIN, CandStage, Scorer
     from quota_export.reference import DeployConfig, Deployed, StageCfg
 
     ad = models.load(tiny_llava)
@@ -129,7 +129,7 @@ def test_schedule_family_meets_budget():
         cap = int(budget * 144 * L + 1e-9)
         shapes = shape_candidates(L, 144, budget)
         assert shapes
-        for layers, r, keeps in shapes:
+        for layers, _r, keeps in shapes:
             assert total_kept(layers, keeps, 144, L) <= cap
             assert list(layers) == sorted(set(layers))
             assert all(keeps[j] < keeps[j - 1] for j in range(1, len(keeps)))
