@@ -157,6 +157,7 @@ def test_unknown_architecture(capsys, tmp_path, model_copy):
     assert "LlavaForConditionalGeneration" in line  # says what is supported
 
 
+@pytest.mark.slow
 def test_cli_subprocess_prints_only_steps_and_the_error(tmp_path, model_copy):
     """The real terminal: no warnings, progress bars or traceback around the error line."""
     w = model_copy / "model.safetensors"

@@ -58,6 +58,7 @@ def test_eval_cli_tiny_slice(tiny_llava, tmp_path, capsys):
     assert "retention" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_harness_methods(tiny_llava, tmp_path):
     from quota_export.calibrate import calibrate
     from quota_export.evaluate import Harness

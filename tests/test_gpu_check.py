@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 from conftest import ROOT, make_tiny_llava
-from test_build import write_recipe
-from test_runners import S_WEIGHTED, TEST_SPLIT
+from test_build import S_WEIGHTED, TEST_SPLIT, write_recipe
 
 from quota_export.build import build
 from quota_export.lower.tensorrt_target import engine_unavailable_reason
 from quota_export.recipe import load_recipe
 from quota_export.runtime.runners import backend_unavailable_reason
+
+pytestmark = pytest.mark.slow  # the gpu_check.sh dry run builds two targets (~35 s)
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -93,6 +93,7 @@ def multi_build(tmp_path_factory):
     return tmp, r, out
 
 
+@pytest.mark.slow
 def test_calibrate_writes_fractions(multi_build):
     _, r, _ = multi_build
     p = r["pruning"]

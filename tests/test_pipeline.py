@@ -15,6 +15,8 @@ from conftest import ROOT, make_tiny_llava, make_tiny_llava_next, make_tiny_qwen
 from quota_export import models
 from quota_export.__main__ import main
 
+pytestmark = pytest.mark.slow  # calibrate -> build -> verify for every family (~50 s)
+
 TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 CALIB_SPLIT = ROOT / "calib_data" / "shapes" / "calib.jsonl"
 

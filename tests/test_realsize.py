@@ -194,6 +194,7 @@ def test_run_answers_an_image_of_another_size_like_the_reference(any_size, capsy
     assert answers == want and any(a.strip() for a in answers)
 
 
+@pytest.mark.slow
 def test_verify_eval_calibrate_take_images_of_another_size(any_size, tmp_path, capsys):
     model, recipe, bench, out = any_size
     assert main(["verify", "--artifacts", str(out), "--bench", str(bench), "--samples", "3",

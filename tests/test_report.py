@@ -94,6 +94,7 @@ def test_helpers():
     assert fin.tolist() == [50.5, 70.0] and n_inf == 2 and cap == 80.0 and not math.isinf(cap)
 
 
+@pytest.mark.slow
 def test_report_python_dash_m(artifacts, tmp_path):
     """The command is registered when run the way users run it (a separate `quota_export.__main__` copy would not see it)."""
     import subprocess

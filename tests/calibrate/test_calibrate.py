@@ -16,6 +16,8 @@ from quota_export.calibrate import (
 )
 from quota_export.recipe import load_recipe, save_recipe
 
+pytestmark = pytest.mark.slow  # calibration searches (~90 s together)
+
 torch.set_num_threads(1)
 DATA = "calib_data/shapes/calib.jsonl"
 SAMPLES = 6

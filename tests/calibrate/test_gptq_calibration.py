@@ -14,6 +14,8 @@ from conftest import ROOT, make_tiny_llava
 
 from quota_export.__main__ import main
 
+pytestmark = pytest.mark.slow  # GPTQ calibration runs (~40 s together)
+
 torch.set_num_threads(1)
 CALIB = ROOT / "calib_data" / "shapes" / "calib.jsonl"
 TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"

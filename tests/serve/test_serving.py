@@ -23,6 +23,8 @@ from conftest import ROOT
 
 from quota_export.__main__ import main
 
+pytestmark = pytest.mark.slow  # real Triton servers start and stop (~80 s together)
+
 TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 
 
