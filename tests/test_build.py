@@ -268,6 +268,7 @@ def test_ort_fuses_int4_weights_into_matmulnbits(built, tmp_path):
     assert {_attr(n, "accuracy_level") for n in nb} == {1}
 
 
+@pytest.mark.slow
 def test_ort_optimizations_leave_the_numerics_unchanged(tmp_path, monkeypatch):
     """The runner's session (ORT's full graph optimizations, MatMulNBits at accuracy level 1) and
     an unoptimized session compute the same bits, down to every attention output (fp64

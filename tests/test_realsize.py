@@ -62,6 +62,7 @@ def half_models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_checkpoint_builds_like_its_fp32_upcast(half_models, dtype, tmp_path, capsys):
     """A bf16 / fp16 checkpoint keeps its dtype in memory for the decoder, builds with full parity,
@@ -256,6 +257,7 @@ def external_build(tmp_path_factory):
     return recipe, res
 
 
+@pytest.mark.slow
 def test_large_graphs_are_written_with_external_data(external_build):
     import onnx
 

@@ -31,6 +31,7 @@ def _recipe(path, model, matmul: str, accumulation: str = "exact"):
     return path
 
 
+@pytest.mark.slow
 def test_integer_build_matches_float_build_bit_for_bit(tiny_llava, tmp_path):
     """A merged, pruned W4A4KV4 build with export.matmul: integer passes its parity check, holds
     MatMulInteger instead of the 4-bit MatMul, and its prefill and decode outputs (logits, cache,
