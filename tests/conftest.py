@@ -10,6 +10,10 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
+TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"  # the shipped test split
+# a stage scored by all four signals (recipe weights + sigmas), for tests that want every signal on
+S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0, "diversity": 1.0},
+              "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0, "diversity": 0.5}}
 
 
 def make_tiny_llava(out: Path, seed: int = 0, layers: int = 4, hidden: int = 64, kv_heads: int | None = None) -> Path:

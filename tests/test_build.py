@@ -14,18 +14,15 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from conftest import ROOT, make_tiny_llava
+from conftest import ROOT, S_WEIGHTED, TEST_SPLIT, make_tiny_llava
 
 from quota_export.__main__ import main
 from quota_export.build import build
 from quota_export.recipe import load_recipe
 
-TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 SAMPLES = 12
 HEAD_DIM = 16  # hidden 64 / 4 heads in make_tiny_llava
 
-S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0, "diversity": 1.0},
-              "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0, "diversity": 0.5}}
 
 # name -> (model fixture, quant section, stages, budget[, more of the pruning section])
 CONFIGS = {

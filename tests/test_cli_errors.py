@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, TEST_SPLIT
 
 from quota_export.__main__ import main
 
-TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 STAGES = [{"layer": 1, "keep": 72}, {"layer": 2, "keep": 30}]
 
 

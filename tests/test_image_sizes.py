@@ -12,14 +12,13 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, make_tiny_llava, make_tiny_llava_next, make_tiny_qwen2_vl
+from conftest import ROOT, TEST_SPLIT, make_tiny_llava, make_tiny_llava_next, make_tiny_qwen2_vl
 from PIL import Image
 
 from quota_export import UserError, models
 from quota_export.__main__ import main
 from quota_export.recipe import Pruning, Stage
 
-TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 CALIB_SPLIT = ROOT / "calib_data" / "shapes" / "calib.jsonl"
 
 

@@ -10,14 +10,13 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT, make_tiny_llava, make_tiny_llava_next, make_tiny_qwen2_vl
+from conftest import ROOT, TEST_SPLIT, make_tiny_llava, make_tiny_llava_next, make_tiny_qwen2_vl
 
 from quota_export import models
 from quota_export.__main__ import main
 
 pytestmark = pytest.mark.slow  # calibrate -> build -> verify for every family (~50 s)
 
-TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 CALIB_SPLIT = ROOT / "calib_data" / "shapes" / "calib.jsonl"
 
 FAMILIES = {

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, make_tiny_llava
+from conftest import ROOT, TEST_SPLIT, make_tiny_llava
 
 from quota_export.__main__ import main
 from quota_export.build import build
 from quota_export.recipe import load_recipe
 
-TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 SAMPLES = 4
 ONNX = ("vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx")
 

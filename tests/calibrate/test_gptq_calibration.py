@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, make_tiny_llava
+from conftest import ROOT, TEST_SPLIT, make_tiny_llava
 
 from quota_export.__main__ import main
 
@@ -18,7 +18,6 @@ pytestmark = pytest.mark.slow  # GPTQ calibration runs (~40 s together)
 
 torch.set_num_threads(1)
 CALIB = ROOT / "calib_data" / "shapes" / "calib.jsonl"
-TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 WFILE = "r.weights.safetensors"
 
 

@@ -9,14 +9,12 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import TEST_SPLIT
 
 from quota_export import UserError
 from quota_export.build import build
 from quota_export.recipe import load_recipe
 from quota_export.reference import DeployConfig
-
-TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 
 
 def _recipe(path, model, matmul: str, accumulation: str = "exact"):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, assert_generate_matches_hf, make_tiny_llava_next, vision_graph_run
+from conftest import S_WEIGHTED, TEST_SPLIT, assert_generate_matches_hf, make_tiny_llava_next, vision_graph_run
 
 from quota_export import UserError, models
 from quota_export.build import build
@@ -22,7 +22,6 @@ from quota_export.data import load_bench, load_image
 from quota_export.recipe import load_recipe
 from quota_export.reference import DeployConfig, Deployed
 
-TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 N_VISUAL = 192
 
 
@@ -88,10 +87,6 @@ def test_vision_graph_matches_tower(adapter, samples):
     assert inputs == [("pixel_values", [1, 5, 3, 48, 48])]
     assert y.shape == (1, N_VISUAL, 64)
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-4)
-
-
-S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0, "diversity": 1.0},
-              "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0, "diversity": 0.5}}
 
 
 def test_build_parity(tiny_llava_next, tmp_path):

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 import yaml
-from conftest import ROOT, assert_generate_matches_hf, vision_graph_run
+from conftest import S_WEIGHTED, TEST_SPLIT, assert_generate_matches_hf, vision_graph_run
 
 from quota_export import UserError, models
 from quota_export.build import build
@@ -22,7 +22,6 @@ from quota_export.data import load_bench, load_image
 from quota_export.recipe import load_recipe
 from quota_export.reference import DeployConfig, Deployed, decode_position
 
-TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 N_VISUAL = 36
 
 
@@ -127,10 +126,6 @@ def test_default_ignore_does_not_fit_qwen(tiny_qwen2_vl, tmp_path):
     assert sorted(dep.qweights) == sorted(f"model.language_model.layers.{l}.{x}" for l in range(3) for x in
                                           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
-
-
-S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0, "diversity": 1.0},
-              "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0, "diversity": 0.5}}
 
 
 def test_build_parity(tiny_qwen2_vl, tmp_path):

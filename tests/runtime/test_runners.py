@@ -9,15 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import S_WEIGHTED, TEST_SPLIT
 
 from quota_export.__main__ import main
 from quota_export.runtime import runners
 from quota_export.runtime.ort import GRAPHS, OrtRunner
-
-TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
-S_WEIGHTED = {"weights": {"magnitude": 1.0, "attention": 1.0, "risk": 1.0, "diversity": 1.0},
-              "sigma": {"magnitude": 10.0, "attention": 0.01, "risk": 1.0, "diversity": 0.5}}
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TEST_SPLIT
 
 from quota_export.__main__ import main
 
 pytestmark = pytest.mark.slow  # real Triton servers start and stop (~80 s together)
-
-TEST_SPLIT = ROOT / "calib_data" / "shapes" / "test.jsonl"
 
 
 @pytest.fixture(scope="module")
