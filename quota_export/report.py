@@ -6,6 +6,11 @@
                            plus a heat-map of how many decoder layers see each patch
       -> parity.png        histogram of the build's logits SQNR (manifest parity; inf counted at a cap)
       -> report.md         the three figures with a few numbers
+      -> .quota_export-report   what `report` wrote there (names and sha256)
+
+`report` overwrites only the files its own marker lists with their current hash: a file of those
+names that it did not write (or that was changed since) is an error line naming it, and nothing is
+written. Each file is written under a temporary name and renamed into place.
 
 The visual tokens are the patch grid of the image in row-major order (LLaVA: the CLS token, if the
 model keeps it, first); the grid is derived from the manifest's n_visual and image size.
@@ -27,6 +32,10 @@ from quota_export.verify import SAMPLE_SQNR_DB as SQNR_THRESHOLD_DB
 DEFAULT_PROMPT = "describe the image"
 SHAPES_TEST = Path(__file__).resolve().parents[1] / "calib_data" / "shapes" / "test.jsonl"
 SHAPES_SIZE = (96, 96)
+
+
+REPORT_MARKER = ".quota_export-report"
+REPORT_FILES = ("report.md", "schedule.png", "kept_tokens.png", "parity.png")
 
 
 @dataclass
@@ -256,24 +265,23 @@ def write_report(artifacts: str | Path, image: str | Path | None = None, out: st
         raise UserError(f"{image}: image is {img.shape[1]}x{img.shape[0]}, these graphs take {image_size[1]}x{image_size[0]}")
 
     out = Path(out) if out is not None else artifacts / "report"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot create output folder ({e.strerror})") from None
-
+    own = _claim(out)
     res = OrtRunner(artifacts).generate(img, question)
     kept = [np.asarray(k).reshape(-1) for k in res.kept]
 
     name = man.get("recipe", artifacts.name)
     pngs = [out / "schedule.png", out / "kept_tokens.png"]
-    plot_schedule(kept_per_layer, n_visual, budget, stages, f"{name}: visual tokens per decoder layer", pngs[0])
-    plot_kept(img, kept, stages, n_visual, num_layers, f"{image.name}: \"{question}\" -> \"{res.text}\"", pngs[1])
+    with _placed(pngs[0]) as p:
+        plot_schedule(kept_per_layer, n_visual, budget, stages, f"{name}: visual tokens per decoder layer", p)
+    with _placed(pngs[1]) as p:
+        plot_kept(img, kept, stages, n_visual, num_layers, f"{image.name}: \"{question}\" -> \"{res.text}\"", p)
     parity = man.get("parity") or {}
     sq = parity.get("logits_sqnr_db")
     par_line = "no parity report in the manifest"
     if sq:
         pngs.append(out / "parity.png")
-        n_fin, n_inf, cap = plot_parity(sq, f"{name}: parity of the graphs vs reference.py", pngs[2])
+        with _placed(pngs[2]) as p:
+            n_fin, n_inf, cap = plot_parity(sq, f"{name}: parity of the graphs vs reference.py", p)
         from quota_export.verify import summary_line
 
         par_line = summary_line(parity, parity.get("data")) + f" ({n_inf} of {n_fin + n_inf} bit-identical: drawn at {cap:g} dB)"
@@ -310,5 +318,64 @@ def write_report(artifacts: str | Path, image: str | Path | None = None, out: st
     if sq:
         md += ["![parity](parity.png)", ""]
     md += [par_line + ".", ""]
-    (out / "report.md").write_text("\n".join(md))
+    with _placed(out / "report.md") as p:
+        p.write_text("\n".join(md))
+    written = {q.name for q in pngs} | {"report.md"}
+    for stale in own - written:  # e.g. a parity.png of an earlier report: ours, unchanged
+        (out / stale).unlink(missing_ok=True)
+    _seal(out, sorted(written))
     return Report(out / "report.md", pngs, res.text)
+
+
+def _claim(out: Path) -> set[str]:
+    """Check that `report` may write its files into `out` (creating it); returns the names of the
+    files there that an earlier `report` wrote and that are unchanged since (it may replace them)."""
+    from quota_export.publish import file_entry
+
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"{out}: output path exists and is not a folder (choose another --out)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create output folder ({e.strerror})") from None
+    try:
+        marker = json.loads((out / REPORT_MARKER).read_text(encoding="utf-8"))
+        listed = marker["files"] if isinstance(marker, dict) and isinstance(marker.get("files"), dict) else {}
+    except (OSError, ValueError, RecursionError):
+        listed = {}
+    own = set()
+    for name in REPORT_FILES:
+        p = out / name
+        if not (p.exists() or p.is_symlink()):
+            continue
+        if p.is_symlink() or not p.is_file() or listed.get(name) != file_entry(p):
+            raise UserError(f"{p}: exists and was not written by `report` (or was changed since); "
+                            "move it away or choose another --out")
+        own.add(name)
+    return own
+
+
+class _placed:
+    """`with _placed(path) as tmp:` write tmp; on success it is renamed to path (atomic), on
+    failure removed: a reader never sees a half-written file."""
+
+    def __init__(self, path: Path):
+        import os
+
+        self.path, self.tmp = path, path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _seal(out: Path, names: list[str]) -> None:
+    from quota_export.publish import file_entry
+
+    with _placed(out / REPORT_MARKER) as p:
+        p.write_text(json.dumps({"files": {n: file_entry(out / n) for n in names}}, indent=1) + "\n")

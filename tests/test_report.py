@@ -105,3 +105,30 @@ def test_report_python_dash_m(artifacts, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-500:]
     assert (out / "report.md").is_file()
+
+
+def test_report_replaces_only_its_own_files(artifacts, tmp_path, capsys):
+    """A second report into the same folder replaces the first one's files; a file of the same
+    name that `report` did not write, or that was changed since, is one error line, exit 2, and
+    nothing in the folder changes."""
+    out = tmp_path / "rep"
+    assert main(["report", "--artifacts", str(artifacts), "--out", str(out)]) == 0
+    assert main(["report", "--artifacts", str(artifacts), "--out", str(out), "--prompt", "what is it ?"]) == 0
+    assert "what is it ?" in (out / "report.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == [".quota_export-report", "kept_tokens.png", "parity.png",
+                                                     "report.md", "schedule.png"]
+    capsys.readouterr()
+    (out / "report.md").write_text("my notes\n")  # the user edits the report
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["report", "--artifacts", str(artifacts), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "report.md: exists and was not written by `report`" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "schedule.png").write_bytes(b"not ours")
+    assert main(["report", "--artifacts", str(artifacts), "--out", str(mine)]) == 2
+    assert "schedule.png: exists and was not written" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["schedule.png"] and (mine / "schedule.png").read_bytes() == b"not ours"
