@@ -21,7 +21,6 @@ from quota_export.calibrate.evaluator import Evaluator, kl, select_samples, sig_
 from quota_export.calibrate.search import SearchResult, naive_stages, search
 from quota_export.calibrate.space import (
     MAXMIN,
-    SCREEN_SAMPLES,
     STARTS,
     W_GRID,
     Candidate,
@@ -126,8 +125,7 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
     dep = Deployed(adapter, cfg)
     chosen = select_samples(data, samples, seed)
     prompts = [adapter.prompt(load_image(s), s.question) for s in chosen]
-    with Evaluator(dep, prompts, progress, layers=layer_grid(spec.num_layers, N, float(budget)),
-                   tasks=[s.task for s in chosen], screen_samples=SCREEN_SAMPLES, workers=WORKERS) as ev:
+    with Evaluator(dep, prompts, progress, layers=layer_grid(spec.num_layers, N, float(budget)), workers=WORKERS) as ev:
         res = search(ev, float(budget), progress, signals)
     stages = [
         Stage(layer=st.layer, keep=st.keep, fraction=sig_digits(st.keep / N), select=st.scorer.select,

@@ -23,6 +23,7 @@ from quota_export.calibrate.space import (
     W_GRID,
     Candidate,
     CandStage,
+    screen_size,
     shape_candidates,
     start_vectors,
     weight_grid,
@@ -59,7 +60,7 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
 
     grid = weight_grid(signals)
     N, L = ev.n_visual, ev.L
-    scr, exact = ev.screen, ev.exact
+    exact = ev.exact
     naive = naive_stages(N, budget)
     if budget_cap(budget, N, L) >= N * L:  # no pruning needed
         return SearchResult((), [], 0.0, 0.0, 0, L)
@@ -93,6 +94,8 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
         raise UserError(f"budget {budget}: no schedule of {N} visual tokens over {L} layers meets it")
     starts = start_vectors(signals)
     bar = tqdm(desc="calibrate: search", disable=not progress, unit="cand", total=len(shapes) * len(starts) + 1)
+    ev.focus(naive, screen_size(len(ev.samples)))  # the screen: the samples the naive schedule disturbs most
+    scr = ev.screen
     scr.divergence([naive], bar)
     # A. shapes x single-signal starts (start-major)
     # (the max-min start scores stages after layer 0 with the grid's first vector)
@@ -135,7 +138,7 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
     finalists = list(dict.fromkeys([e[0] for e in ends] + [screened[i] for i in order if screened[i]][:FINALISTS]))
     bar.total += len(finalists) + 1
     best, best_d = _best(finalists, exact.divergence(finalists, bar))
-    naive_d = exact.divergence([naive], bar)[0]
+    naive_d = exact.cache[naive]
     bar.close()
     evals = exact.evals + (scr.evals if scr is not exact else 0)
     return SearchResult(best, exact.stage_sigmas(best), best_d, naive_d, evals, L)
