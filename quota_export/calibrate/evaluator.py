@@ -252,9 +252,29 @@ class View:
 
 
 _WORKER_EV: Evaluator | None = None  # the evaluator a forked worker inherited
+_REFERENCE: tuple | None = None  # (dep, prompts, layers) of the reference pass being run
+
+
+@torch.no_grad()
+def _reference_pass(i: int):
+    """Sample i through the unpruned model as deployed -> (the input of each of `layers` [T, D]
+    fp32 numpy, the reference log-probabilities [V] fp64)."""
+    dep, prompts, layers = _REFERENCE
+    p = prompts[i]
+    h = dep.embed_prompt(p)
+    pos = p.positions()
+    states = []
+    for l in range(dep.spec.num_layers):
+        if l in layers:
+            states.append(h[0].contiguous().numpy().copy())
+        h, _ = dep.layer(l, h, pos)
+    return states, torch.log_softmax(dep.head(h).double().flatten(), dim=-1)
 
 
 def _init_worker():
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a worker ends quietly when the pool does
     torch.set_num_threads(1)
 
 
@@ -286,20 +306,29 @@ class Evaluator:
         self.D = 0
         files = {l: open(self.dir / f"layer{l}.f32", "wb") for l in self.layers}
         offset = 0
+        global _REFERENCE
+        _REFERENCE = (dep, prompts, self.layers)
+        pool = None
         try:
-            with torch.no_grad():
-                for p in tqdm(prompts, desc="calibrate: reference", disable=not progress, unit="sample"):
-                    h = dep.embed_prompt(p)
-                    pos = p.positions()
-                    for l in range(self.L):
-                        if l in files:
-                            files[l].write(h[0].contiguous().numpy().tobytes())
-                        h, _ = dep.layer(l, h, pos)
-                    ref = torch.log_softmax(dep.head(h).double().flatten(), dim=-1)
-                    self.D = h.shape[-1]
-                    self.samples.append(_Sample(h.shape[1], p.visual_start, p.n_visual, pos, ref, offset))
-                    offset += h.shape[1]
+            if self.workers > 1 and len(prompts) > 1:  # one sample a work unit, results in sample order
+                import multiprocessing
+
+                pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_init_worker)
+                passes = pool.imap(_reference_pass, range(len(prompts)))
+            else:
+                passes = map(_reference_pass, range(len(prompts)))
+            for p, (states, ref) in tqdm(zip(prompts, passes), desc="calibrate: reference", total=len(prompts),
+                                         disable=not progress, unit="sample"):
+                for l, x in zip(self.layers, states):
+                    files[l].write(x.tobytes())
+                T, self.D = states[0].shape if states else (p.input_ids.shape[1], 0)
+                self.samples.append(_Sample(T, p.visual_start, p.n_visual, p.positions(), ref, offset))
+                offset += T
         finally:
+            _REFERENCE = None
+            if pool is not None:
+                pool.terminate()
+                pool.join()
             for f in files.values():
                 f.close()
         self.n_visual = self.samples[0].n if self.samples else 0

@@ -6,8 +6,8 @@
     B. weights, from each start's best shape: coordinate descent over the grid (<= 3 sweeps)
     C. keeps: that shape's layers with the decay ratios of R_FINE
     D. finalists: A-C rank candidates on the evaluator's screen (a proxy, evaluator.py); the
-       starts' ends and the FINALISTS best screened candidates are measured on the objective
-       itself (`exact`), and the lowest wins
+       starts' ends, phase A's FINALISTS best and the FINALISTS best screened of all are measured
+       on the objective itself (`exact`), and the lowest wins
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
     cands = [build(ls, ks, [grid[0] if w.select == "maxmin" and l > 0 else w for l in ls]) for w in starts
              for ls, _, ks in shapes]
     divs = scr.divergence(cands, bar)
+    phase_a = [cands[i] for i in sorted(range(len(cands)), key=lambda i: (divs[i], i))[:FINALISTS]]
 
     def refine(best, best_d):
         """B. weights: coordinate descent over the stages; C. keeps: other decay ratios for the
@@ -132,10 +133,13 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
     # B + C from each start's best shape; the lowest end wins (ties -> the earlier start)
     n = len(shapes)
     ends = [refine(*_best(cands[i * n : (i + 1) * n], divs[i * n : (i + 1) * n])) for i in range(len(starts))]
-    # D. the starts' ends, then the best screened candidates (ties: the earlier measured), on the objective
+    # D. on the objective: the starts' ends, phase A's best shapes and the best screened candidates
+    # (ties: the earlier measured), so that refinements that only won on the screen cannot crowd out
+    # the shapes
     screened, vals = list(scr.cache), list(scr.cache.values())
     order = sorted(range(len(screened)), key=lambda i: (vals[i], i))
-    finalists = list(dict.fromkeys([e[0] for e in ends] + [screened[i] for i in order if screened[i]][:FINALISTS]))
+    best_screened = [screened[i] for i in order if screened[i]][:FINALISTS]
+    finalists = list(dict.fromkeys([e[0] for e in ends] + phase_a + best_screened))
     bar.total += len(finalists) + 1
     best, best_d = _best(finalists, exact.divergence(finalists, bar))
     naive_d = exact.cache[naive]
