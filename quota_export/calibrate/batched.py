@@ -5,41 +5,21 @@ length, visual span and positions as one tensor [B, T, D], so that every op is i
 batch rather than once per sample. After a pruning stage every sample keeps its own tokens:
 positions become [B, T'] (planes [P, B, T']), merged-token counts [B, k] and the key bias [B, T0].
 
-Everything here composes `Deployed`'s public pieces (qkv, mm, act, mlp, head) and the ops of
-`quota_export/ops/`; what had to be restated for a per-sample key bias (the attention, the layer,
-the stage signals) mirrors `ops/attention.attend`, `Deployed.layer` and `ops/signals.signals_from`
-line for line. Row b of every result is what `Deployed` computes for sample b alone, bit for bit
-(tests/calibrate/test_calibrate.py checks the divergence against `Deployed.prefill`).
+Everything here composes `Deployed`'s public pieces (qkv, attend, mm, act, mlp) and the ops of
+`quota_export/ops/` (`ops.attention.attend` takes the key bias per sample, [B, T0]); `layer`
+restates `Deployed.layer` so that the last layer can run on the answer position only. Row b of
+every result is what `Deployed` computes for sample b alone, bit for bit
+(tests/calibrate/test_calibrate.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from quota_export.ops.merge import merge_counts
 from quota_export.ops.maxmin import maxmin_order
-from quota_export.ops.signals import Signals, _rel_err, cosine
+from quota_export.ops.merge import merge_counts
+from quota_export.ops.signals import cosine
 from quota_export.reference import QKV
-
-
-def attend(q, k, v, hd, hp, causal_offset: int | None, bias=None):
-    """ops.attention.attend with `bias` [B, T0] (one row per sample) -> (probs hp, out fp32)."""
-    q, k, v = q.to(hp), k.to(hp), v.to(hp)
-    rep = hd.heads // hd.kv_heads
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    s = (q @ k.transpose(-1, -2)) * (hd.head_dim**-0.5)
-    if bias is not None:
-        t0 = bias.shape[-1]
-        s = torch.cat([s[..., :t0] + bias[:, None, None, :], s[..., t0:]], dim=-1)
-    if causal_offset is not None:
-        Tq, Tk = s.shape[-2], s.shape[-1]
-        i = torch.arange(Tq)[:, None] + causal_offset
-        j = torch.arange(Tk)[None, :]
-        s = s.masked_fill(j > i, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    return p, (p @ v).float()
 
 
 def layer(dep, l: int, h, pos, pre: QKV | None = None, bias=None, last_only: bool = False):
@@ -51,29 +31,11 @@ def layer(dep, l: int, h, pos, pre: QKV | None = None, bias=None, last_only: boo
     q = a.q
     if last_only:
         q, h = q[:, :, -1:], h[:, -1:]
-    _, o = attend(q, a.k_cache, a.v_cache, dep.heads, dep.hp, a.k_cache.shape[2] - q.shape[2], bias)
+    _, o = dep.attend(q, a.k_cache, a.v_cache, a.k_cache.shape[2] - q.shape[2], bias)
     B, T = h.shape[:2]
     o = o.transpose(1, 2).reshape(B, T, sp.heads * sp.head_dim)
     h = h + dep.mm(dep.act(o, l, "self_attn.o_proj"), l, "self_attn.o_proj")
     return h + dep.mlp(l, h)
-
-
-def signals(dep, a: QKV, h, start: int, n: int, cs, bias=None) -> Signals:
-    """ops.signals.signals_from on a batch, `cs` the stage's code cosine [B, n, n] (`cosine`)."""
-    hp = dep.hp
-    vis = slice(start, start + n)
-    hv = h[:, vis].to(hp)
-    mag = (hv * hv).sum(-1).sqrt()  # [B, n]
-    later = torch.ones(n, n, dtype=torch.bool).triu()
-    div = 1.0 - cs.masked_fill(later, -1.0).amax(dim=-1)
-    qt = a.q[:, :, start + n : h.shape[1]]
-    p, _ = attend(qt, a.k_cache, a.v_cache, dep.heads, hp, start + n, bias)
-    att = p[..., vis].mean(dim=(1, 2))
-    risk = _rel_err(a.x_dequant[:, vis], a.xn[:, vis], -1, hp)
-    if dep.cfg.kv_bits < 16:
-        for fq, fp in ((a.k_cache, a.k), (a.v_cache, a.v)):
-            risk = risk + _rel_err(fq[:, :, vis], fp[:, :, vis], (1, 3), hp)
-    return Signals(mag, att, risk, div)
 
 
 def code_cosine(dep, a: QKV, start: int, n: int):

@@ -28,6 +28,7 @@ import torch
 
 from quota_export.calibrate import batched
 from quota_export.calibrate.space import Candidate
+from quota_export.ops.signals import signals_from
 from quota_export.recipe import SIGNALS
 
 SIG_DIGITS = 6
@@ -153,7 +154,8 @@ class View:
         for b, st in zip(self.batches, states):
             a = dep.qkv(layer, st.h, st.pos)
             cs = batched.code_cosine(dep, a, b.start, st.n)
-            sigs.append(batched.signals(dep, a, st.h, b.start, st.n, cs, batched.key_bias(st.cnt, b.start, dep.hp)))
+            bias = batched.key_bias(st.cnt, b.start, dep.hp)
+            sigs.append(signals_from(a, st.h, b.start, st.n, dep.heads, dep.hp, dep.cfg.kv_bits < 16, bias))
             coss.append(cs)
             qkvs.append(a)
         # statistics over the tokens in sample order (the order the reduction sees them in)
