@@ -116,7 +116,7 @@ class _Entry:
     states: list[_State]
     signals: list[tuple]  # per batch (mag, att, risk, div), each [B, n]
     cos: list[torch.Tensor]  # per batch [B, n, n]
-    qkv: list  # per batch the layer's QKV of the unpruned rows (the kept rows are taken from it)
+    qkv: list  # per batch the layer's QKV (the kept rows are taken from it), or None: recomputed
     sigma: tuple[float, ...]  # per signal: std over the view's tokens, SIG_DIGITS digits (1 if constant)
     constant: tuple[bool, ...]  # which signals are constant (their weight is irrelevant)
 
@@ -130,9 +130,11 @@ class View:
 
     CHUNK = 16  # candidates per batch sharing one prefix memo (bounds memory)
 
-    def __init__(self, ev: Evaluator, dep, batches: list[_Batch], name: str, last_only: bool = False):
+    def __init__(self, ev: Evaluator, dep, batches: list[_Batch], name: str, last_only: bool = False,
+                 keep_qkv: bool = True):
         self.ev, self.dep, self.batches, self.name = ev, dep, batches, name
         self.last_only = last_only  # the last layer on the last position only (a proxy's shortcut)
+        self.keep_qkv = keep_qkv  # keep a stage layer's QKV between scoring and pruning (memory: ~10 x h)
         self.samples = sorted(i for b in batches for i in b.idx)
         self.cache: dict[tuple, float] = {}
         self.sigma_cache: dict[tuple, tuple] = {}  # (prefix, layer) -> (sigma, constant)
@@ -157,7 +159,7 @@ class View:
             bias = batched.key_bias(st.cnt, b.start, dep.hp)
             sigs.append(signals_from(a, st.h, b.start, st.n, dep.heads, dep.hp, dep.cfg.kv_bits < 16, bias))
             coss.append(cs)
-            qkvs.append(a)
+            qkvs.append(a if self.keep_qkv else None)
         # statistics over the tokens in sample order (the order the reduction sees them in)
         rows = {i: (j, r) for j, b in enumerate(self.batches) for r, i in enumerate(b.idx)}
         per_sample = [tuple(x[r] for x in sigs[j]) for j, r in (rows[i] for i in self.samples)]
@@ -183,6 +185,8 @@ class View:
             ones = torch.ones(idx.shape[0], st.n, dtype=torch.float64)
             cnt = batched.counts(cs, idx, ones if cnt is None else cnt)
         bias = batched.key_bias(cnt, b.start, dep.hp)
+        if a is None:
+            a = dep.qkv(layer, st.h, st.pos)
         h, pos, rows = batched.gather_rows(st.h, st.pos, idx, b.start, st.n)
         pre = batched.qkv_rows(a, rows)
         for l in range(layer, to_layer):
@@ -334,7 +338,7 @@ class Evaluator:
             for f in files.values():
                 f.close()
         self.n_visual = self.samples[0].n if self.samples else 0
-        self.exact = View(self, dep, [self._batch([i]) for i in range(len(self.samples))], "exact")
+        self.exact = View(self, dep, [self._batch([i]) for i in range(len(self.samples))], "exact", keep_qkv=False)
         self.screen = self.exact
 
     def focus(self, cand: Candidate, m: int) -> list[int]:
