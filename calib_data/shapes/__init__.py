@@ -17,5 +17,4 @@ from calib_data.shapes.scene import (  # noqa: F401
 # Seed bases of the shipped splits; training draws seeds below TRAIN_SEED_LIMIT, so no scene
 # of a shipped split is ever trained on.
 TRAIN_SEED_LIMIT = 10**9
-# calib512: the larger calibration set (4e9: past the development seeds of train.py, 3e9 + ...)
-SPLITS = {"test": (10**9, 3000), "calib": (2 * 10**9, 128), "calib512": (4 * 10**9, 512)}
+SPLITS = {"test": (10**9, 3000), "calib": (2 * 10**9, 128)}
