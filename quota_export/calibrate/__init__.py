@@ -34,6 +34,8 @@ from quota_export.calibrate.space import (
 from quota_export.prune.schedule import geometric_keeps, total_kept
 from quota_export.recipe import SIGNALS
 
+WORKERS = 2  # processes measuring candidates (the recipe does not depend on it)
+
 __all__ = ["MAXMIN", "SIGNALS", "STARTS", "W_GRID", "CandStage", "Candidate", "Evaluator", "Scorer", "SearchResult",
            "calibrate", "default_name", "geometric_keeps", "kl", "layer_grid", "naive_stages", "search",
            "select_samples", "shape_candidates", "start_vectors", "total_kept", "weight_grid"]
@@ -123,8 +125,8 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
     dep = Deployed(adapter, cfg)
     chosen = select_samples(data, samples, seed)
     prompts = [adapter.prompt(load_image(s), s.question) for s in chosen]
-    ev = Evaluator(dep, prompts, progress)
-    res = search(ev, float(budget), progress, signals)
+    with Evaluator(dep, prompts, progress, layers=layer_grid(spec.num_layers, N, float(budget)), workers=WORKERS) as ev:
+        res = search(ev, float(budget), progress, signals)
     stages = [
         Stage(layer=st.layer, keep=st.keep, fraction=sig_digits(st.keep / N), select=st.scorer.select,
               weights=ScoreWeights(**dict(zip(SIGNALS, st.scorer.weights))), sigma=ScoreSigma(**dict(zip(SIGNALS, s))))

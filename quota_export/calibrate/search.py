@@ -4,7 +4,10 @@
        single-signal start (STARTS) or max-min selection (a max-min start scores stages after
        layer 0 with the grid's first scorer)
     B. weights, from each start's best shape: coordinate descent over the grid (<= 3 sweeps)
-    C. keeps: that shape's layers with the decay ratios of R_FINE; the lowest end wins
+    C. keeps: that shape's layers with the decay ratios of R_FINE
+    D. finalists: A-C rank candidates on the evaluator's screen (a proxy, evaluator.py); the
+       starts' ends, phase A's FINALISTS best and the FINALISTS best screened of all are measured
+       on the objective itself (`exact`), and the lowest wins
 """
 
 from __future__ import annotations
@@ -14,7 +17,17 @@ from dataclasses import dataclass
 
 from quota_export import UserError
 from quota_export.calibrate.evaluator import Evaluator
-from quota_export.calibrate.space import R_FINE, W_GRID, Candidate, CandStage, shape_candidates, start_vectors, weight_grid
+from quota_export.calibrate.space import (
+    FINALISTS,
+    R_FINE,
+    W_GRID,
+    Candidate,
+    CandStage,
+    screen_size,
+    shape_candidates,
+    start_vectors,
+    weight_grid,
+)
 from quota_export.prune.schedule import budget_cap, geometric_keeps
 from quota_export.recipe import SIGNALS
 
@@ -25,7 +38,7 @@ class SearchResult:
     sigmas: list  # per stage (sigma_m, sigma_a, sigma_r, sigma_d)
     divergence: float
     naive_divergence: float
-    evals: int
+    evals: int  # candidates measured (screened + exact)
     num_layers: int
     weights: tuple | None = None  # (GPTQResult, file metadata) with weights="gptq"
 
@@ -47,6 +60,7 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
 
     grid = weight_grid(signals)
     N, L = ev.n_visual, ev.L
+    exact = ev.exact
     naive = naive_stages(N, budget)
     if budget_cap(budget, N, L) >= N * L:  # no pruning needed
         return SearchResult((), [], 0.0, 0.0, 0, L)
@@ -57,7 +71,7 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
     def weight_options(cand, j):
         """The grid without vectors equivalent to an earlier one: a constant signal's weight is moot,
         and a positive factor on all weights keeps the ranking."""
-        const = ev.constant(cand[:j], cand[j].layer)
+        const = scr.constant(cand[:j], cand[j].layer)
         seen, out = set(), []
         for w in grid:
             if w.select == "maxmin":
@@ -80,12 +94,15 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
         raise UserError(f"budget {budget}: no schedule of {N} visual tokens over {L} layers meets it")
     starts = start_vectors(signals)
     bar = tqdm(desc="calibrate: search", disable=not progress, unit="cand", total=len(shapes) * len(starts) + 1)
-    ev.divergence([naive], bar)
+    ev.focus(naive, screen_size(len(ev.samples)))  # the screen: the samples the naive schedule disturbs most
+    scr = ev.screen
+    scr.divergence([naive], bar)
     # A. shapes x single-signal starts (start-major)
     # (the max-min start scores stages after layer 0 with the grid's first vector)
     cands = [build(ls, ks, [grid[0] if w.select == "maxmin" and l > 0 else w for l in ls]) for w in starts
              for ls, _, ks in shapes]
-    divs = ev.divergence(cands, bar)
+    divs = scr.divergence(cands, bar)
+    phase_a = [cands[i] for i in sorted(range(len(cands)), key=lambda i: (divs[i], i))[:FINALISTS]]
 
     def refine(best, best_d):
         """B. weights: coordinate descent over the stages; C. keeps: other decay ratios for the
@@ -98,7 +115,7 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
             for j in range(len(ws)):
                 cands = [build(layers, keeps, ws[:j] + [w] + ws[j + 1 :]) for w in weight_options(best, j)]
                 bar.total += len(cands)
-                c, d = _best(cands, ev.divergence(cands, bar))
+                c, d = _best(cands, scr.divergence(cands, bar))
                 if d < best_d and c != best:
                     best, best_d, ws, changed = c, d, [s.scorer for s in c], True
             if not changed:
@@ -110,12 +127,22 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
                 if ks is not None and all(ks[j] < ks[j - 1] for j in range(1, len(ks))) and ks[0] < N:
                     cands.append(build(layers, ks, ws))
             bar.total += len(cands)
-            best, best_d = _best(cands, ev.divergence(cands, bar))
+            best, best_d = _best(cands, scr.divergence(cands, bar))
         return best, best_d
 
     # B + C from each start's best shape; the lowest end wins (ties -> the earlier start)
     n = len(shapes)
     ends = [refine(*_best(cands[i * n : (i + 1) * n], divs[i * n : (i + 1) * n])) for i in range(len(starts))]
-    best, best_d = _best([e[0] for e in ends], [e[1] for e in ends])
+    # D. on the objective: the starts' ends, phase A's best shapes and the best screened candidates
+    # (ties: the earlier measured), so that refinements that only won on the screen cannot crowd out
+    # the shapes
+    screened, vals = list(scr.cache), list(scr.cache.values())
+    order = sorted(range(len(screened)), key=lambda i: (vals[i], i))
+    best_screened = [screened[i] for i in order if screened[i]][:FINALISTS]
+    finalists = list(dict.fromkeys([e[0] for e in ends] + phase_a + best_screened))
+    bar.total += len(finalists) + 1
+    best, best_d = _best(finalists, exact.divergence(finalists, bar))
+    naive_d = exact.cache[naive]
     bar.close()
-    return SearchResult(best, ev.stage_sigmas(best), best_d, ev.cache[naive], ev.evals, L)
+    evals = exact.evals + (scr.evals if scr is not exact else 0)
+    return SearchResult(best, exact.stage_sigmas(best), best_d, naive_d, evals, L)

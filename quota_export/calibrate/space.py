@@ -77,6 +77,12 @@ STARTS: tuple[Scorer, ...] = (Scorer((0.0, 1.0, 0.0, 0.0)), Scorer((1.0, 0.0, 0.
 R_SHAPES = (0.6, 0.35)  # decay ratios of the shape search (stages >= 2)
 R_FINE = (0.8, 0.7, 0.6, 0.5, 0.35, 0.25)  # decay ratios tried in phase C
 MAX_STAGES = 3
+FINALISTS = 8  # best screened candidates measured on the objective itself (search.py, phase D)
+
+
+def screen_size(samples: int) -> int:
+    """Samples of the screen (Evaluator.focus): a quarter of them, at least 8 (all if fewer)."""
+    return min(samples, max(8, -(-samples // 4)))
 MAX_LAYER_GRID = 8  # at most this many candidate stage layers (evenly spaced on deep models)
 
 

@@ -26,7 +26,8 @@ class Heads:
 
 def attend(q, k, v, hd: Heads, hp, causal_offset: int | None, bias=None):
     """q [1,H,Tq,d], k/v [1,kvh,Tk,d] -> probs [1,H,Tq,Tk] (hp), out [1,H,Tq,d] (fp32).
-    `bias` [T0] (hp, T0 <= Tk) is added to the scores of the first T0 keys."""
+    `bias` [T0] (hp, T0 <= Tk) is added to the scores of the first T0 keys; [B, T0]: one row per
+    batch entry (calibration runs samples as a batch)."""
     q, k, v = q.to(hp), k.to(hp), v.to(hp)
     rep = hd.heads // hd.kv_heads
     if rep > 1:
@@ -34,7 +35,8 @@ def attend(q, k, v, hd: Heads, hp, causal_offset: int | None, bias=None):
         v = v.repeat_interleave(rep, dim=1)
     s = (q @ k.transpose(-1, -2)) * (hd.head_dim**-0.5)
     if bias is not None:
-        s = torch.cat([s[..., : bias.numel()] + bias, s[..., bias.numel() :]], dim=-1)
+        t0 = bias.shape[-1]
+        s = torch.cat([s[..., :t0] + (bias if bias.dim() == 1 else bias[:, None, None, :]), s[..., t0:]], dim=-1)
     if causal_offset is not None:
         Tq, Tk = s.shape[-2], s.shape[-1]
         i = torch.arange(Tq)[:, None] + causal_offset

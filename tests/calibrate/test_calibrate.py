@@ -235,3 +235,38 @@ def test_scorer_says_how_a_stage_selects():
         Scorer((0.0, 0.0, 0.0, 0.0))  # an all-zero top-k scorer would rank nothing
     with pytest.raises(ValueError):
         Scorer((1.0, 0.0, 0.0, 0.0), "maxmin")
+
+
+def test_screen_batches_workers_and_focus(tiny_llava):
+    """The screen's batched pieces (samples of one prompt shape as one tensor) give the exact view's
+    bits; its last-layer shortcut stays within float noise; worker processes give the same values
+    as one process; focus picks the samples a candidate disturbs most."""
+    from quota_export import models
+    from quota_export.calibrate import CandStage, Scorer
+    from quota_export.calibrate.evaluator import View
+    from quota_export.data import load_bench, load_image
+    from quota_export.reference import DeployConfig, Deployed
+
+    ad = models.load(tiny_llava)
+    dep = Deployed(ad, DeployConfig.of("w4a4kv4", merge=True))
+    prompts = [ad.prompt(load_image(s), s.question) for s in load_bench(DATA, limit=6)]
+    assert len({p.input_ids.shape[1] for p in prompts}) < len(prompts)  # some batches hold several samples
+    cands = [(CandStage(1, 40, Scorer((0.5, 1.0, 0.5, 1.0))), CandStage(3, 9, Scorer((0.0, 1.0, 0.0, 2.0)))),
+             (CandStage(0, 30, Scorer((0.0, 0.0, 0.0, 1.0))),), (CandStage(2, 20, Scorer((1.0, 0.0, 0.0, 0.0))),)]
+    with Evaluator(dep, prompts, layers=[0, 1, 2, 3]) as ev:
+        want = ev.exact.divergence(cands)
+        everyone = list(range(len(prompts)))
+        whole = View(ev, dep, ev._batches(everyone), "batched")
+        assert any(len(b.idx) > 1 for b in whole.batches)
+        assert whole.divergence(cands) == want  # bit for bit
+        assert whole.stage_sigmas(cands[0]) == ev.exact.stage_sigmas(cands[0])
+        short = View(ev, dep, ev._batches(everyone), "short", last_only=True)
+        assert short.divergence(cands) == pytest.approx(want, rel=1e-4)
+        kls = ev.exact.per_sample(cands[0])
+        top = ev.focus(cands[0], 2)
+        assert top == sorted(sorted(everyone, key=lambda i: -kls[i])[:2]) and ev.screen.samples == top
+        sub = View(ev, dep, ev._batches(top), "subset")  # the screen's sigmas are its samples' own
+        assert ev.screen.divergence(cands) == pytest.approx(sub.divergence(cands), rel=1e-4)
+    with Evaluator(dep, prompts, layers=[0, 1, 2, 3], workers=2) as ev2:
+        assert [s.ref_logp.tolist() for s in ev2.samples] == [s.ref_logp.tolist() for s in ev.samples]
+        assert ev2.exact.divergence(cands) == want  # chunks measured in two processes
