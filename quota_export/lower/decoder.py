@@ -35,7 +35,7 @@ from quota_export.ops.maxmin import maxmin_score_onnx
 from quota_export.ops.merge import key_bias_onnx, merge_counts_onnx
 from quota_export.ops.norm import rmsnorm_onnx
 from quota_export.ops.rope import rope_onnx, rope_tables_onnx
-from quota_export.ops.signals import cosine_onnx, score_onnx
+from quota_export.ops.signals import cosine_onnx, integer_dots_exact_fp32, score_onnx
 from quota_export.ops.swiglu import swiglu_onnx
 from quota_export.reference import Deployed
 
@@ -223,7 +223,8 @@ class DecoderLowering:
                 a = replace(a, xq=self.float_codes(e, a.xq))
             # cosine of the attention input's integer codes (else the normed input): the
             # diversity signal, max-min selection and merging read it
-            cosine = cosine_onnx(e, a.xn if a.xq is None else a.xq[0], s0, n)
+            cosine = cosine_onnx(e, a.xn if a.xq is None else a.xq[0], s0, n,
+                                 a.xq is not None and integer_dots_exact_fp32(self.cfg.a_bits, self.spec.hidden))
             if st.select == "maxmin":
                 score = maxmin_score_onnx(e, cosine, n, st.keep)
             else:
