@@ -183,7 +183,8 @@ class DecoderLowering:
         return kd, vd, kn, vn
 
     def attend(self, e: Emit, q, k, v, offset, name: str, bias=None):
-        return attend_onnx(e, q, k, v, self.dep.heads, offset, name, bias)
+        """The layer's attention output (the probabilities are not needed: attend_onnx's fast form)."""
+        return attend_onnx(e, q, k, v, self.dep.heads, offset, name, bias, probs=False)[1]
 
     def post_attn(self, e: Emit, l: int, h, o):
         sp = self.spec
@@ -294,7 +295,7 @@ class DecoderLowering:
                 if cos is None:
                     cos, sin = self.rope_tables(e, pos, f"model/layers.{l}/rope")
                 a = self.qkv(e, l, h, cos, sin)
-            _, o = self.attend(e, a.q, a.k_cache, a.v_cache, 0, f"model/layers.{l}/attn/sdpa", bias)
+            o = self.attend(e, a.q, a.k_cache, a.v_cache, 0, f"model/layers.{l}/attn/sdpa", bias)
             h = self.post_attn(e, l, h, o)
             self.kv_outputs(e, "present", l, a.kn, a.vn)
         self.final(e, h)
@@ -341,7 +342,7 @@ class DecoderLowering:
                     kall = e.op("Concat", [pk.q, kd], axis=2, name="k_all")
                     vall = e.op("Concat", [pv.q, vd], axis=2, name="v_all")
                     kn, vn = KVNames(kall), KVNames(vall)
-            _, o = self.attend(e, a.q, kall, vall, None, f"model/layers.{l}/attn/sdpa", bias)
+            o = self.attend(e, a.q, kall, vall, None, f"model/layers.{l}/attn/sdpa", bias)
             h = self.post_attn(e, l, h, o)
             self.kv_outputs(e, "present", l, kn, vn)
         self.final(e, h)

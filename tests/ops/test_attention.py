@@ -34,3 +34,25 @@ def test_attention_torch_equals_onnx(offset, with_bias, head_dim):
 
 def test_pow2_scale():
     assert [d for d in range(1, 300) if pow2_scale(d)] == [1, 4, 16, 64, 256]
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_output_form_equals_torch(T, with_bias):
+    """probs=False (the layers' attention): normalized after PV and, causal at offset 0, queries in
+    QUERY_CHUNKS blocks (some empty when T < QUERY_CHUNKS); the output bit for bit, and no
+    probabilities."""
+    q, k, v = randn(1, 4, T, 16, seed=T), randn(1, 2, T, 16, seed=T + 1), randn(1, 2, T, 16, seed=T + 2)
+    t0 = min(T, 3)
+    bias = torch.tensor([0.0, 1.0986, 0.6931][:t0], dtype=torch.float64) if with_bias else None
+    hd = Heads(heads=4, kv_heads=2, head_dim=16)
+    _, o = attend(q, k, v, hd, torch.float64, 0, bias)
+
+    def build(e, qi, ki, vi):
+        b = (e.hc(bias.numpy()), t0) if with_bias else None
+        pr, out = attend_onnx(e, qi, ki, vi, hd, 0, "attn", b, probs=False)
+        assert pr is None
+        return [(out, FLOAT)]
+
+    (got,) = onnx_run(build, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}, fp64=True)
+    np.testing.assert_array_equal(got, o.numpy())
