@@ -332,12 +332,14 @@ class DecoderLowering:
             pk, pv = past[l]["key"], past[l]["value"]
             with e.scope(f"model/layers.{l}/attn/cache"):
                 if quant:
-                    kall = e.op("Concat", [kv_dequant_onnx(e, pk, self.kv, "past_k"), kd], axis=2, name="k_all")
-                    vall = e.op("Concat", [kv_dequant_onnx(e, pv, self.kv, "past_v"), vd], axis=2, name="v_all")
                     kn = KVNames(*(e.op("Concat", [p, c], axis=2, name=f"present_k{i}")
                                    for i, (p, c) in enumerate(zip((pk.q, pk.scale, pk.zero), (kn.q, kn.scale, kn.zero)))))
                     vn = KVNames(*(e.op("Concat", [p, c], axis=2, name=f"present_v{i}")
                                    for i, (p, c) in enumerate(zip((pv.q, pv.scale, pv.zero), (vn.q, vn.scale, vn.zero)))))
+                    # the whole cache read back from present (past ++ this step at the boundary width): this
+                    # step's rows dequantize to exactly kd / vd, and one fp32 Concat per step is saved
+                    kall = kv_dequant_onnx(e, kn, self.kv, "k_all")
+                    vall = kv_dequant_onnx(e, vn, self.kv, "v_all")
                 else:
                     kall = e.op("Concat", [pk.q, kd], axis=2, name="k_all")
                     vall = e.op("Concat", [pv.q, vd], axis=2, name="v_all")
