@@ -36,9 +36,11 @@ the -r32 variants only price the fp64 reductions (paired fp64 / fp32 ratios).
 
 All sessions run in one process with the same thread count; repeats of the variants are
 interleaved (order shuffled per repeat, seeded) and the tables give medians and ratios, the
-ratios as the median of per-repeat paired ratios. One profiled run of `w4a4kv4` and `quota` (and
-their -r32 counterparts) splits the prefill time by node category (ONNX Runtime's profiler), to
-show where the gap to the ideal ratio, and the cost of the fp64 reductions, come from.
+ratios as the median of per-repeat paired ratios. Profiled runs of `w4a4kv4` and `quota` (float,
+integer and per-channel integer forms, and the -r32 counterparts) split the prefill time by node
+category (ONNX Runtime's profiler), to show where the gap to the ideal ratio, and the cost of the
+fp64 reductions, come from; profiled decode steps of fp32, the peer and the QUOTA graphs split a
+decode step the same way. A goals table sets the exact variants against the speed goals.
 """
 
 from __future__ import annotations
