@@ -18,6 +18,8 @@ accumulation as `build` snaps them) -> times the per-token scale. Forms:
                 MatMulInteger -> Cast -> Mul
     int-group   grouped scales only: one batched MatMulInteger per weight group ([G,T,g] x [G,g,N]) ->
                 Cast -> Mul group scale -> ReduceSum over groups
+    int-i32     grouped scales only: `int` with the planes summed in int32 (Mul 2^(bj), ReduceSum) before
+                one Cast -> Mul 2^e_n -> Mul s_tok (exact: the sum is the float form's, below 2^24)
 
 Every form's output is compared bit for bit with `float` (the column `exact`). Times are medians of
 interleaved repeats; ratios are medians of per-repeat paired ratios against `float`, and fp32 (a plain
@@ -76,6 +78,18 @@ def build(form: str, T: int, K: int, N: int, group: int | None, a_bits: int, see
             if p.planes > 1:
                 y = g.op("ReduceSum", [g.op("Reshape", [y, g.const([0, 0, p.planes, N], np.int64)]),
                                        g.const([2], np.int64)], keepdims=0)
+            y = g.op("Mul", [y, s])
+        elif form == "int-i32":  # the planes summed in int32, one Cast
+            from onnx import TensorProto
+
+            wp = g.init("planes", integer_planes(qw, p))
+            b = round(float(np.log2(p.factors[1, 0] / p.factors[0, 0]))) if p.planes > 1 else 0
+            y = g.op("MatMulInteger", [codes, wp, zp])
+            if p.planes > 1:
+                y = g.op("Reshape", [y, g.const([0, 0, p.planes, N], np.int64)])
+                y = g.op("Mul", [y, g.init("shift", (2 ** (b * np.arange(p.planes, dtype=np.int64)))[:, None].astype(np.int32))])
+                y = g.op("ReduceSum", [y, g.const([2], np.int64)], keepdims=0)
+            y = g.op("Mul", [g.op("Cast", [y], to=TensorProto.FLOAT), g.init("f", p.factors[0])])
             y = g.op("Mul", [y, s])
         else:  # int-group: one batched GEMM per weight group, then the group scales
             G = K // gs
@@ -145,7 +159,7 @@ def main(argv=None) -> int:
                 for group in (None, 32, 64, 128):
                     if group is not None and group >= K:
                         continue
-                    forms = ["fp32", "float", "int", "int-mitf"] + ([] if group is None else ["int-group"])
+                    forms = ["fp32", "float", "int", "int-mitf"] + ([] if group is None else ["int-group", "int-i32"])
                     outs, times = measure(T, K, N, group, a_bits, threads, a.repeats, forms, rng)
                     for f in forms:
                         if f == "fp32":

@@ -36,9 +36,11 @@ the -r32 variants only price the fp64 reductions (paired fp64 / fp32 ratios).
 
 All sessions run in one process with the same thread count; repeats of the variants are
 interleaved (order shuffled per repeat, seeded) and the tables give medians and ratios, the
-ratios as the median of per-repeat paired ratios. One profiled run of `w4a4kv4` and `quota` (and
-their -r32 counterparts) splits the prefill time by node category (ONNX Runtime's profiler), to
-show where the gap to the ideal ratio, and the cost of the fp64 reductions, come from.
+ratios as the median of per-repeat paired ratios. Profiled runs of `w4a4kv4` and `quota` (float,
+integer and per-channel integer forms, and the -r32 counterparts) split the prefill time by node
+category (ONNX Runtime's profiler), to show where the gap to the ideal ratio, and the cost of the
+fp64 reductions, come from; profiled decode steps of fp32, the peer and the QUOTA graphs split a
+decode step the same way. A goals table sets the exact variants against the speed goals.
 """
 
 from __future__ import annotations
@@ -78,9 +80,11 @@ VARIANTS = {
     "quota-intch": ("quota-intch", None),
 }
 INT_ROWS = (("w4a4kv4-int", "w4a4kv4@1"), ("quota-int", "quota@1"), ("w4a4kv4-intch", None), ("quota-intch", None))
-PAIRS = (("w4a4kv4@1", "quota@1"), ("w4a4kv4@4", "quota@4"), ("w4a4kv4-int", "quota-int"))  # (unpruned, pruned) at the same precision
+PAIRS = (("w4a4kv4@1", "quota@1"), ("w4a4kv4@4", "quota@4"), ("w4a4kv4-int", "quota-int"),
+         ("w4a4kv4-intch", "quota-intch"))  # (unpruned, pruned) at the same precision
 R32_PAIRS = (("w4a4kv4@1", "w4a4kv4-r32@1"), ("quota@1", "quota-r32@1"))  # (fp64 reductions, fp32 reductions)
 PROFILED = tuple(dict.fromkeys(v for pair in PAIRS + R32_PAIRS for v in pair))
+DECODE_PROFILED = ("fp32", "ort-int4@4", "quota@1", "quota-int", "quota-intch")  # the decode-step split
 PEER_LEVEL = 4
 TEXT_BEFORE, TEXT_AFTER = 24, 16  # LLaVA-1.5: system prompt + "USER:" before the image, question after
 
@@ -222,12 +226,13 @@ CATEGORIES = (
     "activation quant",
     "attention (QK, mask, softmax, PV)",
     "KV-cache quant",
+    "KV-cache read (decode: unpack + dequantize the past)",
     "stage: q/k/v pass over all current tokens",
     "stage: signals (text attention, magnitude, risk)",
     "stage: gather (TopK, Gather)",
     "norms, RoPE, SiLU, residual, lm_head, other",
 )
-(LINEAR, WDQ, ACTQ, ATTN, KVQ, S_QKV, S_SIG, S_GATHER, OTHER) = CATEGORIES
+(LINEAR, WDQ, ACTQ, ATTN, KVQ, KVR, S_QKV, S_SIG, S_GATHER, OTHER) = CATEGORIES
 
 
 def node_categories(model) -> dict[str, str]:
@@ -252,6 +257,8 @@ def node_categories(model) -> dict[str, str]:
             c = S_QKV
         elif "input_quant" in n:
             c = ACTQ
+        elif "/attn/cache/" in n:
+            c = KVR
         elif "cache_quant" in n or "pack4" in n:
             c = KVQ
         elif "/attn/sdpa/" in n or "/repeat_" in n:
@@ -285,30 +292,32 @@ def _split_events(events: list, cats: dict[str, str], keys: list[str], lookup: d
     return per_run
 
 
-def profile_split(variants: list[str], paths: dict[str, dict[str, Path]], models: dict, feeds: dict, threads: int,
-                  tmp: Path, rounds: int, seed: int) -> dict[str, dict[str, float]]:
-    """Per variant, kernel ms of each category: the median over `rounds` profiled runs after one warm-up,
-    the variants' runs interleaved (order shuffled per round) like the timed ones."""
+def profile_split(variants: list[str], paths: dict[str, dict[str, Path]], feeds: dict[str, dict], threads: int,
+                  tmp: Path, rounds: int, seed: int, graph: str = "prefill") -> dict[str, dict[str, float]]:
+    """Per variant, kernel ms of each category in `graph` (prefill or decode; `feeds[v]` its inputs): the
+    median over `rounds` profiled runs after one warm-up, the variants' runs interleaved (order shuffled
+    per round) like the timed ones."""
+    import onnx
     from tqdm import tqdm
 
     sess = {}
     for v in variants:
         folder, level = VARIANTS[v]
-        sess[v] = session(paths[folder]["prefill"], threads, level, profile=str(tmp / f"prof_{v.replace('@', '_')}"))
-    for s in sess.values():
-        s.run(None, feeds)
+        sess[v] = session(paths[folder][graph], threads, level, profile=str(tmp / f"prof_{graph}_{v.replace('@', '_')}"))
+    for v, s in sess.items():
+        s.run(None, feeds[v])
     order = list(sess)
     rng = np.random.default_rng(seed)
-    for _ in tqdm(range(rounds), desc="profile (interleaved)", unit="round"):
+    for _ in tqdm(range(rounds), desc=f"profile {graph} (interleaved)", unit="round"):
         rng.shuffle(order)
         for v in order:
-            sess[v].run(None, feeds)
+            sess[v].run(None, feeds[v])
     out = {}
     for v, s in sess.items():
         prof = Path(s.end_profiling())
         events = json.loads(prof.read_text())
         prof.unlink()
-        cats = node_categories(models[VARIANTS[v][0]])
+        cats = node_categories(onnx.load(str(paths[VARIANTS[v][0]][graph]), load_external_data=False))
         keys = sorted(cats, key=len, reverse=True)
         per_run = _split_events(events, cats, keys, {})[1:]  # drop the warm-up
         out[v] = {c: med([pr[c] for pr in per_run]) for c in CATEGORIES}
@@ -480,12 +489,15 @@ def main(argv=None) -> int:
                 timed.decode[v].append((time.perf_counter() - t0) / a.decode_steps)
         sess.clear()
 
-        split = profile_split(list(PROFILED), paths, models, feeds, a.threads, tmp, a.profile_rounds, a.seed + 2)
+        split = profile_split(list(PROFILED), paths, dict.fromkeys(PROFILED, feeds), a.threads, tmp, a.profile_rounds,
+                              a.seed + 2)
+        dsplit = profile_split(list(DECODE_PROFILED), paths, {v: {**dfeed, **past[v]} for v in DECODE_PROFILED},
+                               a.threads, tmp, 4 * a.decode_steps, a.seed + 3, graph="decode")
         int4 = int4_storage(models["quota"])
 
     load1 = os.getloadavg()
     md = report(a, spec, n_visual, T, stages, kept, timed, cache, sizes, split, ops, int4, time.time() - t_start,
-                load0, load1)
+                load0, load1, dsplit)
     if a.out == "-":
         print(md)
     else:
@@ -494,7 +506,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split, ops, int4, secs, load0, load1) -> str:
+def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split, ops, int4, secs, load0, load1,
+           dsplit) -> str:
     L = spec.num_layers
     text = T - n_visual
     ideal = sum(k + text for k in kept) / (L * T)
@@ -562,8 +575,8 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
     ]
     for v in VARIANTS:
         lines.append(f"| {v} | {ms(pf[v])} | {paired(pf[v], pf['fp32']):.3f} | {desc[v]} |")
+    lines += ["", *goals_section(pf, dc), ""]
     lines += [
-        "",
         "| pruned / unpruned at the same precision | measured | ideal | measured / ideal | goal |",
         "|---|---:|---:|---:|---|",
     ]
@@ -635,6 +648,7 @@ def report(a, spec, n_visual, T, stages, kept, timed: Timed, cache, sizes, split
     ]
     q_t = sum(k + text for k in kept)
     lines += ["", *integer_section(pf, dc, split, ms)]
+    lines += ["", *decode_profile_section(dsplit)]
     lines += ["", *reductions_section(pf, dc, split, ideal, cache, ms)]
     lines += [
         "",
@@ -721,6 +735,53 @@ def integer_section(pf, dc, split, ms) -> list[str]:
             f"{split[p][ATTN]:.1f} ms ({split[p][ATTN] / sum(split[p].values()):.0%}), stage signals "
             f"{split[p][S_SIG]:.1f} ms.",
         ]
+    return out
+
+
+GOALS = (  # (what, graph, variants, bound vs fp32, also below the peer)
+    ("W4A4KV4, all tokens, prefill <= 0.5x FP32", "prefill", ("w4a4kv4@1", "w4a4kv4-int", "w4a4kv4-intch"), 0.5, False),
+    ("QUOTA 30% prefill <= 0.2x FP32", "prefill", ("quota@1", "quota-int", "quota-intch"), 0.2, False),
+    ("QUOTA decode step <= 0.4x FP32 and below the int4 peer", "decode", ("quota@1", "quota-int", "quota-intch"), 0.4, True),
+)
+
+
+def goals_section(pf, dc) -> list[str]:
+    """The speed goals of the exact W4A4 graphs against this run's ratios."""
+    out = [
+        "## Speed goals of the exact W4A4 graphs",
+        "",
+        "Ratios from this run (paired medians). Every variant here is exact (`@1`: MatMulNBits level 1; `-int`: "
+        "MatMulInteger, the same bits as `@1`; `-intch`: per-output-channel weight scales, other weights).",
+        "",
+        "| goal | variant | vs fp32 | vs ort-int4@4 | met |",
+        "|---|---|---:|---:|---|",
+    ]
+    for what, graph, vs, bound, peer in GOALS:
+        t = pf if graph == "prefill" else dc
+        for v in vs:
+            r, rp = paired(t[v], t["fp32"]), paired(t[v], t["ort-int4@4"])
+            ok = r <= bound and (not peer or rp < 1.0)
+            out.append(f"| {what} | {v} | {r:.3f} | {rp:.3f} | {'yes' if ok else 'no'} |")
+    return out
+
+
+def decode_profile_section(dsplit) -> list[str]:
+    """Where a decode step goes (profiler, kernel ms per step), pruned graphs against fp32 and the peer."""
+    vs = list(dsplit)
+    out = [
+        "## Where a decode step goes",
+        "",
+        "ONNX Runtime profiler, kernel ms per step (median over the profiled steps, interleaved), the cache as "
+        "left by each variant's prefill. *KV-cache read* is the decode graph's unpacking and dequantization of the "
+        "whole 4-bit past of every layer at every step.",
+        "",
+        "| category | " + " | ".join(vs) + " |",
+        "|---|" + "---:|" * len(vs),
+    ]
+    for c in CATEGORIES:
+        if any(dsplit[v][c] > 0 for v in vs):
+            out.append(f"| {c} | " + " | ".join(f"{dsplit[v][c]:.2f}" for v in vs) + " |")
+    out.append("| **total** | " + " | ".join(f"{sum(dsplit[v].values()):.2f}" for v in vs) + " |")
     return out
 
 

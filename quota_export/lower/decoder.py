@@ -35,7 +35,7 @@ from quota_export.ops.maxmin import maxmin_score_onnx
 from quota_export.ops.merge import key_bias_onnx, merge_counts_onnx
 from quota_export.ops.norm import rmsnorm_onnx
 from quota_export.ops.rope import rope_onnx, rope_tables_onnx
-from quota_export.ops.signals import cosine_onnx, score_onnx
+from quota_export.ops.signals import cosine_onnx, integer_dots_exact_fp32, score_onnx
 from quota_export.ops.swiglu import swiglu_onnx
 from quota_export.reference import Deployed
 
@@ -183,7 +183,8 @@ class DecoderLowering:
         return kd, vd, kn, vn
 
     def attend(self, e: Emit, q, k, v, offset, name: str, bias=None):
-        return attend_onnx(e, q, k, v, self.dep.heads, offset, name, bias)
+        """The layer's attention output (the probabilities are not needed: attend_onnx's fast form)."""
+        return attend_onnx(e, q, k, v, self.dep.heads, offset, name, bias, probs=False)[1]
 
     def post_attn(self, e: Emit, l: int, h, o):
         sp = self.spec
@@ -223,7 +224,8 @@ class DecoderLowering:
                 a = replace(a, xq=self.float_codes(e, a.xq))
             # cosine of the attention input's integer codes (else the normed input): the
             # diversity signal, max-min selection and merging read it
-            cosine = cosine_onnx(e, a.xn if a.xq is None else a.xq[0], s0, n)
+            cosine = cosine_onnx(e, a.xn if a.xq is None else a.xq[0], s0, n,
+                                 a.xq is not None and integer_dots_exact_fp32(self.cfg.a_bits, self.spec.hidden))
             if st.select == "maxmin":
                 score = maxmin_score_onnx(e, cosine, n, st.keep)
             else:
@@ -293,7 +295,7 @@ class DecoderLowering:
                 if cos is None:
                     cos, sin = self.rope_tables(e, pos, f"model/layers.{l}/rope")
                 a = self.qkv(e, l, h, cos, sin)
-            _, o = self.attend(e, a.q, a.k_cache, a.v_cache, 0, f"model/layers.{l}/attn/sdpa", bias)
+            o = self.attend(e, a.q, a.k_cache, a.v_cache, 0, f"model/layers.{l}/attn/sdpa", bias)
             h = self.post_attn(e, l, h, o)
             self.kv_outputs(e, "present", l, a.kn, a.vn)
         self.final(e, h)
@@ -330,17 +332,19 @@ class DecoderLowering:
             pk, pv = past[l]["key"], past[l]["value"]
             with e.scope(f"model/layers.{l}/attn/cache"):
                 if quant:
-                    kall = e.op("Concat", [kv_dequant_onnx(e, pk, self.kv, "past_k"), kd], axis=2, name="k_all")
-                    vall = e.op("Concat", [kv_dequant_onnx(e, pv, self.kv, "past_v"), vd], axis=2, name="v_all")
                     kn = KVNames(*(e.op("Concat", [p, c], axis=2, name=f"present_k{i}")
                                    for i, (p, c) in enumerate(zip((pk.q, pk.scale, pk.zero), (kn.q, kn.scale, kn.zero)))))
                     vn = KVNames(*(e.op("Concat", [p, c], axis=2, name=f"present_v{i}")
                                    for i, (p, c) in enumerate(zip((pv.q, pv.scale, pv.zero), (vn.q, vn.scale, vn.zero)))))
+                    # the whole cache read back from present (past ++ this step at the boundary width): this
+                    # step's rows dequantize to exactly kd / vd, and one fp32 Concat per step is saved
+                    kall = kv_dequant_onnx(e, kn, self.kv, "k_all")
+                    vall = kv_dequant_onnx(e, vn, self.kv, "v_all")
                 else:
                     kall = e.op("Concat", [pk.q, kd], axis=2, name="k_all")
                     vall = e.op("Concat", [pv.q, vd], axis=2, name="v_all")
                     kn, vn = KVNames(kall), KVNames(vall)
-            _, o = self.attend(e, a.q, kall, vall, None, f"model/layers.{l}/attn/sdpa", bias)
+            o = self.attend(e, a.q, kall, vall, None, f"model/layers.{l}/attn/sdpa", bias)
             h = self.post_attn(e, l, h, o)
             self.kv_outputs(e, "present", l, kn, vn)
         self.final(e, h)

@@ -3,6 +3,8 @@
     angles = pos * inv_freq (in hp; with planes, frequency f reads plane planes[f])
     x' = x * cos + rotate_half(x) * sin,  cos/sin = [angles, angles] rounded to fp32
     torch: rope_freqs / rope          ONNX: rope_tables_onnx (once per position input) / rope_onnx
+The ONNX tables carry the sign of rotate_half: sin' = [-sin, sin], so rope_onnx needs no Neg per
+use ((-a) * b = a * (-b) exactly).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def rope(x, pos, inv_freq, planes, hp):
 
 
 def rope_tables_onnx(e: Emit, pos, inv_freq: np.ndarray, planes: np.ndarray | None, name: str):
-    """position_ids [1,T] (or planes [P,1,T]) -> cos, sin [1,1,T,d]"""
+    """position_ids [1,T] (or planes [P,1,T]) -> cos, sin' [1,1,T,d] (sin' = [-sin, sin], see above)"""
     with e.scope(name):
         p = e.op("Cast", [pos], to=DOUBLE if e.fp64 else FLOAT)
         if planes is not None:
@@ -49,14 +51,16 @@ def rope_tables_onnx(e: Emit, pos, inv_freq: np.ndarray, planes: np.ndarray | No
         f = e.op("Mul", [p, e.init("inv_freq", e.hconst(inv_freq))])
         a = e.op("Concat", [f, f], axis=-1)
         cos = e.op("Unsqueeze", [e.to_f(e.op("Cos", [a])), e.ax([1])], name="cos")
-        sin = e.op("Unsqueeze", [e.to_f(e.op("Sin", [a])), e.ax([1])], name="sin")
+        sin = e.to_f(e.op("Sin", [a]))
+        sign = e.const(np.repeat([-1.0, 1.0], len(inv_freq)).astype(np.float32), np.float32)
+        sin = e.op("Unsqueeze", [e.op("Mul", [sin, sign]), e.ax([1])], name="sin")
         return cos, sin
 
 
 def rope_onnx(e: Emit, x, cos, sin, head_dim: int, name: str):
-    """x * cos + rotate_half(x) * sin"""
+    """x * cos + rotate_half(x) * sin = x * cos + [x2, x1] * sin'  (tables from rope_tables_onnx)"""
     h = head_dim // 2
     with e.scope(name):
         x1, x2 = e.op("Split", [x, e.const([h, h], np.int64)], axis=-1, n_out=2)
-        rot = e.op("Concat", [e.op("Neg", [x2]), x1], axis=-1)
+        rot = e.op("Concat", [x2, x1], axis=-1)
         return e.op("Add", [e.op("Mul", [x, cos]), e.op("Mul", [rot, sin])])

@@ -83,12 +83,25 @@ def signals_from(a, h, start: int, n: int, hd: Heads, hp, kv_quantized: bool, bi
     return Signals(mag, att, risk, div)
 
 
-def cosine_onnx(e: Emit, codes, s0: int, n: int):
-    """hp [1,n,n]: the cosine of the span's codes (`cosine`); f f^T is exact on integers."""
-    f = e.to_hp(e.slice(codes, s0, s0 + n, 1))
-    nf = e.op("Max", [e.op("Sqrt", [e.op("ReduceSum", [e.op("Mul", [f, f]), e.ax([-1])], keepdims=1)]),
-                      e.hc(1e-12)], name="code_norm")  # [1, n, 1]
+def integer_dots_exact_fp32(a_bits: int, features: int) -> bool:
+    """Whether every dot product (and partial sum) of two `a_bits` integer code vectors of length
+    `features` is an integer below 2^24, i.e. exact in fp32 in any order: |code| <= 2^(bits-1)."""
+    return a_bits < 16 and 4 ** (a_bits - 1) * features <= 2**24
+
+
+def cosine_onnx(e: Emit, codes, s0: int, n: int, integer_codes: bool = False):
+    """hp [1,n,n]: the cosine of the span's codes (`cosine`). `integer_codes`: the codes are
+    integers whose dot products are exact in fp32 (`integer_dots_exact_fp32`); then f f^T and |f|^2
+    run in fp32 (the same integers as in hp, several times faster) and are cast to hp."""
+    f = e.slice(codes, s0, s0 + n, 1)
+    if not integer_codes:
+        f = e.to_hp(f)
+    sq = e.to_hp(e.op("ReduceSum", [e.op("Mul", [f, f]), e.ax([-1])], keepdims=1)) if integer_codes else \
+        e.op("ReduceSum", [e.op("Mul", [f, f]), e.ax([-1])], keepdims=1)
+    nf = e.op("Max", [e.op("Sqrt", [sq]), e.hc(1e-12)], name="code_norm")  # [1, n, 1]
     dot = e.op("MatMul", [f, e.op("Transpose", [f], perm=[0, 2, 1])], name="code_dot")
+    if integer_codes:
+        dot = e.to_hp(dot)
     return e.op("Div", [e.op("Div", [dot, nf]), e.op("Transpose", [nf], perm=[0, 2, 1])], name="cosine")
 
 

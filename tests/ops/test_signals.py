@@ -12,7 +12,7 @@ from quota_export.ops.attention import Heads
 from quota_export.ops.graph import DOUBLE, FLOAT
 from quota_export.ops.maxmin import maxmin_score, maxmin_score_onnx
 from quota_export.ops.merge import key_bias, key_bias_onnx, merge_counts, merge_counts_onnx
-from quota_export.ops.signals import cosine, cosine_onnx, score_onnx, signals_from, stage_score
+from quota_export.ops.signals import cosine, cosine_onnx, integer_dots_exact_fp32, score_onnx, signals_from, stage_score
 
 HD = Heads(heads=2, kv_heads=1, head_dim=8)
 S0, N, T, D = 2, 10, 16, 16
@@ -74,3 +74,24 @@ def test_maxmin_and_merge_torch_equal_onnx():
     np.testing.assert_array_equal(got_score, score.numpy())
     np.testing.assert_array_equal(got_counts[0], counts.numpy())
     np.testing.assert_array_equal(got_bias, bias.numpy())
+
+
+def test_cosine_of_integer_codes_in_fp32_is_the_hp_cosine():
+    """The fp32 form of the code cosine (integer codes, `integer_codes=True`) gives the hp form's
+    bits: at the bound (4-bit codes at -8 everywhere and 2^18 features, every |f|^2 = 2^24) and on
+    random codes with a repeated token."""
+    assert integer_dots_exact_fp32(4, 2**18) and not integer_dots_exact_fp32(4, 2**18 + 1)
+    assert integer_dots_exact_fp32(8, 1024) and not integer_dots_exact_fp32(8, 1025)
+    assert not integer_dots_exact_fp32(16, 1)
+    big = torch.full((1, 3, 2**18), -8.0)
+    big[0, 1, ::2] = 7.0
+    rnd = inputs(3)["codes"]
+    for codes, s0, n in ((big, 0, 3), (rnd, S0, N)):
+        want = cosine(codes, s0, n, torch.float64)
+
+        def build(e, c):
+            return [(cosine_onnx(e, c, s0, n, integer_codes=True), DOUBLE), (cosine_onnx(e, c, s0, n), DOUBLE)]
+
+        got_fp32, got_hp = onnx_run(build, {"c": codes.numpy()})
+        np.testing.assert_array_equal(got_fp32, got_hp)
+        np.testing.assert_allclose(got_fp32, want.numpy(), rtol=1e-15, atol=1e-15)
