@@ -107,7 +107,7 @@ class Evaluator:
         self.evals = 0
         with torch.no_grad():
             for p in tqdm(prompts, desc="calibrate: reference", disable=not progress, unit="sample"):
-                h = dep.embed_prompt(p)
+                h = dep.stream(p)
                 pos = p.positions()
                 hs = []
                 for l in range(self.L):

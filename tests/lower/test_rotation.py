@@ -1,0 +1,86 @@
+"""quant.activations.rotation: hadamard on whole models: the rotation keeps the FP function, a
+rotated, pruned, merged recipe builds and verifies exactly (the online Hadamard primitive itself is
+checked in tests/ops/test_rotate.py), and a model it cannot rotate gets one error line."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import onnx
+import pytest
+import torch
+import yaml
+from conftest import S_WEIGHTED, TEST_SPLIT
+
+from quota_export import UserError, models
+from quota_export.recipe import FP, load_recipe
+from quota_export.reference import DeployConfig, Deployed
+
+
+def _rotated_fp() -> DeployConfig:
+    q = FP.model_copy(deep=True)
+    q.activations.rotation = "hadamard"
+    return DeployConfig(quant=q)
+
+
+def test_rotation_keeps_the_fp_function(tiny_llava):
+    """Unquantized, the rotated model (hidden 64 = Sylvester with random signs, intermediate
+    160 = 8 x Paley 20) computes the checkpoint's logits up to float rounding, the same greedy
+    tokens, and its decoder reads weights that are really rotated (norm weights folded: ones)."""
+    from quota_export.data import load_bench, load_image
+
+    ad = models.load(tiny_llava)
+    plain, rot = Deployed(ad, DeployConfig()), Deployed(ad, _rotated_fp())
+    assert all(torch.equal(w, torch.ones_like(w)) for w in rot.ln1 + rot.ln2 + [rot.norm])
+    assert not torch.allclose(rot.W[0]["mlp.down_proj"], plain.W[0]["mlp.down_proj"], atol=1e-3)
+    for s in load_bench(TEST_SPLIT, limit=3):
+        p = ad.prompt(load_image(s.image), s.question)
+        t0, a = plain.generate(p, 6)
+        t1, b = rot.generate(p, 6)
+        assert t0 == t1
+        torch.testing.assert_close(b.logits, a.logits, atol=2e-5 * float(a.logits.abs().max()), rtol=0)
+
+
+def _recipe(path, model, matmul: str):
+    doc = {"name": f"rot-{matmul}", "model": str(model), "quant": {"scheme": "w4a4kv4-rot"},
+           "pruning": {"budget": 0.55, "n_visual": 144, "merge": "proportional",
+                       "stages": [{"layer": 0, "keep": 100, "weights": {"attention": 0.0, "diversity": 1.0}},
+                                  {"layer": 1, "keep": 72},
+                                  {"layer": 3, "keep": 20, **S_WEIGHTED}]},
+           "export": {"max_new_tokens": 4, "matmul": matmul}}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("matmul", ["float", "integer"])
+def test_rotated_build_verifies_exactly(tiny_llava, tmp_path, matmul):
+    """The rotated W4A4KV4 preset (per-channel weights), pruned at three stages (diversity, attention,
+    all four signals) with merging, passes the exact parity check (every kept index and answer
+    equal, logits within the SQNR floor); the graphs hold the two online rotations (decoder input,
+    and down_proj's input in every layer) and, with export.matmul: integer, one MatMulInteger per
+    linear and no dequantized weight."""
+    from quota_export.build import build
+
+    res = build(load_recipe(_recipe(tmp_path / "r.yaml", tiny_llava, matmul)), tmp_path / "out", str(TEST_SPLIT),
+                6, threads=1)
+    p = res.manifest["parity"]
+    assert p["kept_index_agreement_per_stage"] == [1.0, 1.0, 1.0] and p["answer_agreement"] == 1.0
+    for graph in ("prefill.onnx", "decode.onnx"):
+        nodes = onnx.load(res.out / graph).graph.node
+        scopes = {n.name.split("/hadamard/")[0] for n in nodes if "/hadamard/" in n.name}
+        assert scopes == {f"/model/layers.{l}/mlp/down_proj" for l in range(4)}, graph
+        assert any(n.name.startswith("/model/rotate_input/") for n in nodes), graph
+        ops = collections.Counter(n.op_type for n in nodes)
+        if matmul == "integer":
+            assert ops["MatMulInteger"] == 4 * 7 and ops["DequantizeLinear"] == 0, graph
+
+
+def test_rotation_refused_for_non_hadamard_sizes(tiny_llava):
+    ad = models.load(tiny_llava)
+    spec = ad.decoder_spec()
+    ad.decoder_spec = lambda: dataclasses.replace(spec, intermediate=18944)  # 2^8 * 74: no Hadamard matrix
+    with pytest.raises(UserError, match=r"^quant\.activations\.rotation: hadamard needs .* this model's "
+                                        r"intermediate size 18944 is not \(use rotation: none\)$"):
+        Deployed(ad, DeployConfig.of("w4a4kv4-rot"))
