@@ -21,8 +21,8 @@ back once). The activation quantizer of down_proj's input must sit after `rotate
 `RotatedDecoder`, the same weights computed out of place, with the rotations of the decoder input
 and of down_proj's input online (ops/rotate.py).
 
-Not done here (QuaRot does them too): per-head Hadamard on v/o and the online Hadamard on
-keys after RoPE.
+Not done here (QuaRot does it too): the online Hadamard on keys after RoPE. `rotate_model` also
+leaves values alone; `RotatedDecoder` rotates them per head (v/o).
 """
 
 from __future__ import annotations
@@ -262,6 +262,9 @@ class RotatedDecoder:
 
         q/k/v, gate/up   W diag(g) Q        o_proj   Q^T W (b Q)       down_proj   Q^T W H
         lm_head          W diag(g_final) Q  norms    g -> 1
+        values per head  v_proj B_kv^T W (b B_kv), o_proj ... W B_h (B = blockdiag(H_head_dim) over the
+                         kv / query heads; QuaRot's value rotation: the 4-bit value cache stores v H;
+                         skipped if head_dim is not a Hadamard size)
 
     and the two online rotations (ops/rotate.py): `stream` = Q = diag(signs) H_hidden on the
     decoder input (QuaRot fuses it into the embeddings and the projector), `down` = H_intermediate
@@ -284,6 +287,9 @@ class RotatedDecoder:
         self.down = Rotation.of(sp.intermediate)
         Q = self.stream.matrix()
         Hd = self.down.matrix()
+        Hv = hadamard_matrix(sp.head_dim) if is_hadamard_size(sp.head_dim) else torch.eye(sp.head_dim, dtype=torch.float64)
+        self.values_rotated = is_hadamard_size(sp.head_dim)
+        Bkv, Bh = torch.block_diag(*[Hv] * sp.kv_heads), torch.block_diag(*[Hv] * sp.heads)
         names = {id(m): n for n, m in adapter.model.named_modules()}
         d = lambda t: t.detach().double()  # noqa: E731
         self.params: dict[str, torch.Tensor] = {}
@@ -299,10 +305,13 @@ class RotatedDecoder:
                                   (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
                 g = d(norm.weight)
                 for lin in readers:
-                    put(lin, (d(lin.weight) * g[None, :]) @ Q)
-            for lin, right in ((attn.o_proj, None), (mlp.down_proj, Hd)):
-                w = Q.T @ d(lin.weight)
-                put(lin, w if right is None else w @ right, None if lin.bias is None else d(lin.bias) @ Q)
+                    w = (d(lin.weight) * g[None, :]) @ Q
+                    if lin is attn.v_proj:
+                        put(lin, Bkv.T @ w, None if lin.bias is None else d(lin.bias) @ Bkv)
+                    else:
+                        put(lin, w)
+            for lin, right in ((attn.o_proj, Bh), (mlp.down_proj, Hd)):
+                put(lin, Q.T @ d(lin.weight) @ right, None if lin.bias is None else d(lin.bias) @ Q)
         head = adapter.lm_head()
         put(head, (d(head.weight) * d(adapter.final_norm().weight)[None, :]) @ Q)
 

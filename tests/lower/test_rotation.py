@@ -84,3 +84,23 @@ def test_rotation_refused_for_non_hadamard_sizes(tiny_llava):
     with pytest.raises(UserError, match=r"^quant\.activations\.rotation: hadamard needs .* this model's "
                                         r"intermediate size 18944 is not \(use rotation: none\)$"):
         Deployed(ad, DeployConfig.of("w4a4kv4-rot"))
+
+
+def test_rotation_lowers_for_tensorrt(tmp_path):
+    """The rotation's ops pass TensorRT's operator rules in fp32 (group-64 weights: per-channel INT4
+    blocks wider than 128 are not TensorRT's, rotation or not); no engine here (no GPU)."""
+    from conftest import make_tiny_llava
+
+    from quota_export.lower import tensorrt_target
+    from quota_export.recipe import SCHEMES
+    from quota_export.reference import StageCfg
+
+    ad = models.load(make_tiny_llava(tmp_path / "m", hidden=128, seed=3))  # intermediate 320 = 16 x Paley 20
+    q = SCHEMES["w4a4kv4-rot"].model_copy(deep=True)
+    q.weights.granularity, q.weights.group_size = "group", 64
+    dep = Deployed(ad, DeployConfig(quant=q, stages=[StageCfg(1, 72, (0.0, 1.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0))]))
+    graphs = tensorrt_target.lower(dep, 3, 21)
+    assert tensorrt_target.violations(graphs) == []
+    names = [n.name for n in graphs["prefill.onnx"].graph.node]
+    assert any(n.startswith("/model/rotate_input/") for n in names)
+    assert any(n.startswith("/model/layers.3/mlp/down_proj/hadamard/") for n in names)
