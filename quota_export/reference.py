@@ -231,6 +231,7 @@ class Deployed:
         self.norm = adapter.final_norm().weight.detach().float()
         self.lm_head = adapter.lm_head().weight.detach().float()
         if self.rot is not None:  # the norm weights live in the linears that read the norms
+            self.ln1_signal = self.ln1  # the pruning signals' view (signal_qkv)
             self.ln1 = [torch.ones_like(w) for w in self.ln1]
             self.ln2 = [torch.ones_like(w) for w in self.ln2]
             self.norm = torch.ones_like(self.norm)
@@ -324,13 +325,26 @@ class Deployed:
         return rmsnorm(h[:, -1], self.norm, self.spec.rms_eps, self.hp) @ self.lm_head.T
 
     # ------------------------------------------------------------ scoring
+    def signal_qkv(self, layer: int, h, pos) -> QKV:
+        """`qkv` as the pruning signals read it. With rotation, the attention input in the
+        checkpoint's basis, xn = rmsnorm(h) Q^T * g (the inverse rotation online, ops/rotate.py),
+        and its quantizer's codes: the code cosine (diversity, max-min, merging) and the input's
+        quantization risk read those, since in the rotated basis (no outlier channels) they are
+        other signals and a schedule would not carry over (docs/rotation.md)."""
+        a = self.qkv(layer, h, pos)
+        if self.rot is None:
+            return a
+        xn = rotate(a.xn, self.rot.stream.inverted(), self.hp) * self.ln1_signal[layer]
+        return dataclasses.replace(a, xn=xn, x=self.act(xn, layer, "self_attn.q_proj"))
+
     def signals(self, layer: int, h, pos, start: int, n: int, bias=None) -> Signals:
         """The stage signals of the n visual tokens at [start, start+n) (ops/signals.py)."""
-        return signals_from(self.qkv(layer, h, pos), h, start, n, self.heads, self.hp, self.cfg.kv_bits < 16, bias)
+        return signals_from(self.signal_qkv(layer, h, pos), h, start, n, self.heads, self.hp, self.cfg.kv_bits < 16,
+                            bias)
 
     def cosine(self, layer: int, h, pos, start: int, n: int):
         """[1,n,n] (hp) code cosine of the visual tokens at this layer (ops/signals.py)."""
-        return cosine(self.qkv(layer, h, pos).codes, start, n, self.hp)
+        return cosine(self.signal_qkv(layer, h, pos).codes, start, n, self.hp)
 
     def score(self, stage: StageCfg, layer: int, h, pos, start: int, n: int, bias=None):
         """The stage's score [1, n] (fp32): its weighted signals, or the max-min picks."""

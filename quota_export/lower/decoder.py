@@ -206,6 +206,18 @@ class DecoderLowering:
         """The decoder's input stream (reference.Deployed.stream_in): h, or h Q with rotation."""
         return h if self.dep.rot is None else rotate_onnx(e, h, self.dep.rot.stream, "model/rotate_input")
 
+    def signal_view(self, e: Emit, l: int, a: QKVNames, scope: str):
+        """With rotation, (xn, codes) as the pruning signals read them (`Deployed.signal_qkv`): the
+        attention input back in the checkpoint's basis, rmsnorm(h) Q^T * g, and its quantizer."""
+        if self.dep.rot is None:
+            return None
+        xn = rotate_onnx(e, a.xn, self.dep.rot.stream.inverted(), f"{scope}/signal_basis")
+        with e.scope(f"{scope}/signal_basis"):
+            xn = e.op("Mul", [e.init("norm_weight", self.dep.ln1_signal[l].numpy().astype(np.float32)), xn])
+        if a.xq is None:
+            return xn, None
+        return xn, act_quant_onnx(e, xn, self.cfg.a_bits, self.spec.hidden, f"{scope}/signal_basis/input_quant")
+
     def key_bias(self, e: Emit, cnt, k: int, name: str):
         return key_bias_onnx(e, cnt, k, self.visual_start, self.n_visual, name)
 
@@ -227,9 +239,12 @@ class DecoderLowering:
         with e.scope(scope):
             cos, sin = self.rope_tables(e, pos, "rope")
         a = self.qkv(e, l, h, cos, sin, kv_scope=scope)
+        sig = self.signal_view(e, l, a, scope)
         with e.scope(scope):
             if a.xq is not None:
                 a = replace(a, xq=self.float_codes(e, a.xq))
+            if sig is not None:
+                a = replace(a, xn=sig[0], xq=sig[1])
             # cosine of the attention input's integer codes (else the normed input): the
             # diversity signal, max-min selection and merging read it
             cosine = cosine_onnx(e, a.xn if a.xq is None else a.xq[0], s0, n)

@@ -6,6 +6,7 @@ H_{2^k}, P_m a ±1 Paley factor, m = 1 for powers of two). With x viewed as X [.
 Walsh–Hadamard transform over the 2^k axis (one add/sub butterfly per bit), then one scale.
 
     torch: rotate(x, rot, hp)          ONNX: rotate_onnx(e, x, rot, scope)      x [B, T, n] fp32
+    (rot.inverted(): x -> x H^T diag(signs), P_m^T and the signs last: the pruning signals' view)
 
     x ─ Cast(hp) ─ Mul(signs) ─ Reshape [B,T,2^k,m] ─ MatMul(P_m) ─┐
         ┌───────────────────────────────────────────────────────────┘
@@ -25,6 +26,7 @@ checkpoint's) and before down_proj's activation quantizer (H of the intermediate
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -41,6 +43,7 @@ class Rotation:
     n: int
     pm: np.ndarray  # float64 [m, m], entries ±1 ([[1]] when n is a power of two)
     signs: np.ndarray | None = None  # float64 [n] of ±1, or None
+    inverse: bool = False  # x -> x H^T diag(signs): P_m^T, the signs last (the matrix's transpose)
 
     @classmethod
     def of(cls, n: int, signs: torch.Tensor | None = None) -> Rotation:
@@ -65,23 +68,31 @@ class Rotation:
         from quota_export.quant.hadamard import hadamard_matrix
 
         h = hadamard_matrix(self.n)
-        return h if self.signs is None else torch.from_numpy(self.signs)[:, None] * h
+        h = h if self.signs is None else torch.from_numpy(self.signs)[:, None] * h
+        return h.T if self.inverse else h
+
+    def inverted(self) -> Rotation:
+        """The inverse rotation (the transpose: x -> x H^T diag(signs))."""
+        return dataclasses.replace(self, inverse=not self.inverse)
 
 
 def rotate(x: torch.Tensor, rot: Rotation, hp: torch.dtype) -> torch.Tensor:
     """x [.., T, n] -> x diag(signs) H (computed in hp, rounded once to fp32)."""
     lead = x.shape[:-1]
     y = x.to(hp)
-    if rot.signs is not None:
-        y = y * torch.from_numpy(rot.signs).to(hp)
+    signs = None if rot.signs is None else torch.from_numpy(rot.signs).to(hp)
+    if signs is not None and not rot.inverse:
+        y = y * signs
     y = y.reshape(*lead, 1 << rot.k, rot.m)
     if rot.m > 1:
-        y = y @ torch.from_numpy(rot.pm).to(hp)
+        y = y @ torch.from_numpy(rot.pm.T.copy() if rot.inverse else rot.pm).to(hp)
     for j in range(rot.k):
         y = y.reshape(*lead, 1 << j, 2, 1 << (rot.k - j - 1), rot.m)
         a, b = y[..., 0:1, :, :], y[..., 1:2, :, :]
         y = torch.cat([a + b, a - b], dim=-3)
     y = y.reshape(*lead, rot.n) * torch.tensor(1.0 / math.sqrt(rot.n), dtype=hp)
+    if signs is not None and rot.inverse:
+        y = y * signs
     return y.float()
 
 
@@ -91,11 +102,11 @@ def rotate_onnx(e: Emit, x, rot: Rotation, scope: str):
     shape = lambda *d: e.const([0, 0, *d], np.int64)  # noqa: E731  (0: keep B and T)
     with e.scope(scope):
         y = e.to_hp(x)
-        if rot.signs is not None:
+        if rot.signs is not None and not rot.inverse:
             y = e.op("Mul", [y, e.init("signs", e.hconst(rot.signs))], name="signs")
         y = e.op("Reshape", [y, shape(1 << k, m)])
         if m > 1:
-            y = e.op("MatMul", [y, e.init("paley", e.hconst(rot.pm))], name="paley")
+            y = e.op("MatMul", [y, e.init("paley", e.hconst(rot.pm.T if rot.inverse else rot.pm))], name="paley")
         for j in range(k):
             with e.scope(f"butterfly_{j}"):
                 y = e.op("Reshape", [y, shape(1 << j, 2, 1 << (k - j - 1), m)])
@@ -103,4 +114,6 @@ def rotate_onnx(e: Emit, x, rot: Rotation, scope: str):
                 y = e.op("Concat", [e.op("Add", [a, b]), e.op("Sub", [a, b])], axis=3)
         y = e.op("Reshape", [y, shape(rot.n)])
         y = e.op("Mul", [y, e.hc(1.0 / math.sqrt(rot.n))], name="scale")
+        if rot.signs is not None and rot.inverse:
+            y = e.op("Mul", [y, e.init("signs", e.hconst(rot.signs))], name="signs")
         return e.to_f(y)

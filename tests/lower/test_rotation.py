@@ -18,19 +18,37 @@ from quota_export.recipe import FP, load_recipe
 from quota_export.reference import DeployConfig, Deployed
 
 
+@pytest.fixture(scope="module")
+def tiny_normed(tmp_path_factory):
+    """tiny LLaVA (hidden 64, intermediate 160 = 8 x Paley 20) whose RMSNorm weights are not ones
+    (HF initialises them to 1, which would hide where the norm weight is applied)."""
+    from conftest import make_tiny_llava
+    from transformers import LlavaForConditionalGeneration
+
+    path = make_tiny_llava(tmp_path_factory.mktemp("tiny_normed") / "model", seed=5)
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name and "norm" in name:
+                p.copy_(torch.exp(0.7 * torch.randn(p.shape, generator=g)))
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def _rotated_fp() -> DeployConfig:
     q = FP.model_copy(deep=True)
     q.activations.rotation = "hadamard"
     return DeployConfig(quant=q)
 
 
-def test_rotation_keeps_the_fp_function(tiny_llava):
+def test_rotation_keeps_the_fp_function(tiny_normed):
     """Unquantized, the rotated model (hidden 64 = Sylvester with random signs, intermediate
     160 = 8 x Paley 20) computes the checkpoint's logits up to float rounding, the same greedy
     tokens, and its decoder reads weights that are really rotated (norm weights folded: ones)."""
     from quota_export.data import load_bench, load_image
 
-    ad = models.load(tiny_llava)
+    ad = models.load(tiny_normed)
     plain, rot = Deployed(ad, DeployConfig()), Deployed(ad, _rotated_fp())
     assert all(torch.equal(w, torch.ones_like(w)) for w in rot.ln1 + rot.ln2 + [rot.norm])
     assert not torch.allclose(rot.W[0]["mlp.down_proj"], plain.W[0]["mlp.down_proj"], atol=1e-3)
@@ -55,7 +73,7 @@ def _recipe(path, model, matmul: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("matmul", ["float", "integer"])
-def test_rotated_build_verifies_exactly(tiny_llava, tmp_path, matmul):
+def test_rotated_build_verifies_exactly(tiny_normed, tmp_path, matmul):
     """The rotated W4A4KV4 preset (per-channel weights), pruned at three stages (diversity, attention,
     all four signals) with merging, passes the exact parity check (every kept index and answer
     equal, logits within the SQNR floor); the graphs hold the two online rotations (decoder input,
@@ -63,7 +81,7 @@ def test_rotated_build_verifies_exactly(tiny_llava, tmp_path, matmul):
     linear and no dequantized weight."""
     from quota_export.build import build
 
-    res = build(load_recipe(_recipe(tmp_path / "r.yaml", tiny_llava, matmul)), tmp_path / "out", str(TEST_SPLIT),
+    res = build(load_recipe(_recipe(tmp_path / "r.yaml", tiny_normed, matmul)), tmp_path / "out", str(TEST_SPLIT),
                 6, threads=1)
     p = res.manifest["parity"]
     assert p["kept_index_agreement_per_stage"] == [1.0, 1.0, 1.0] and p["answer_agreement"] == 1.0
@@ -104,3 +122,24 @@ def test_rotation_lowers_for_tensorrt(tmp_path):
     names = [n.name for n in graphs["prefill.onnx"].graph.node]
     assert any(n.startswith("/model/rotate_input/") for n in names)
     assert any(n.startswith("/model/layers.3/mlp/down_proj/hadamard/") for n in names)
+
+
+def test_signals_read_the_checkpoint_basis(tiny_normed):
+    """With rotation the code cosine and the input's quantization risk are those of the checkpoint's
+    basis (Deployed.signal_qkv): at layer 0, where both models see the same embeddings, the rotated
+    model's signal codes are the plain model's (up to the last-bit noise of rotating there and back),
+    while the codes its linears really read are other ones."""
+    from quota_export.data import load_bench, load_image
+
+    ad = models.load(tiny_normed)
+    plain, rot = Deployed(ad, DeployConfig.of("w4a4kv4")), Deployed(ad, DeployConfig.of("w4a4kv4-rot"))
+    s = load_bench(TEST_SPLIT, limit=1)[0]
+    p = ad.prompt(load_image(s.image), s.question)
+    emb, pos = plain.embed_prompt(p), p.positions()
+    a = plain.signal_qkv(0, emb, pos)
+    b = rot.signal_qkv(0, rot.stream_in(emb), pos)
+    assert (a.codes == b.codes).float().mean() > 0.99
+    assert (a.codes != rot.qkv(0, rot.stream_in(emb), pos).codes).float().mean() > 0.5
+    sp, sr = (d.signals(0, x, pos, p.visual_start, p.n_visual) for d, x in ((plain, emb), (rot, rot.stream_in(emb))))
+    torch.testing.assert_close(sr.diversity, sp.diversity, atol=2e-2, rtol=0)
+    torch.testing.assert_close(sr.magnitude, sp.magnitude, atol=1e-3 * float(sp.magnitude.max()), rtol=0)

@@ -18,12 +18,17 @@ def test_rotate_is_the_matrix(n, signed):
     torch.testing.assert_close(rotate(x, rot, torch.float64).double(), want, atol=1e-6, rtol=1e-6)
     if signed:
         assert torch.equal(rot.matrix(), random_hadamard(n, 3))
+    inv = rot.inverted()  # the transpose: back to x
+    torch.testing.assert_close(rotate(rotate(x, rot, torch.float64), inv, torch.float64), x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inv.matrix(), rot.matrix().T, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("fp64", [True, False])
 @pytest.mark.parametrize("n", [192, 512])
-def test_rotate_torch_equals_onnx(n, fp64):
+def test_rotate_torch_equals_onnx(n, fp64, inverse):
     rot = Rotation.of(n, random_signs(n, 0) if n == 192 else None)
+    rot = rot.inverted() if inverse else rot
     x = randn(1, 7, n, seed=1, scale=3.0)
     x[0, 2, 5] = 4000.0  # an outlier channel
     x[0, 3, :] = 0.0
