@@ -143,3 +143,29 @@ def test_signals_read_the_checkpoint_basis(tiny_normed):
     sp, sr = (d.signals(0, x, pos, p.visual_start, p.n_visual) for d, x in ((plain, emb), (rot, rot.stream_in(emb))))
     torch.testing.assert_close(sr.diversity, sp.diversity, atol=2e-2, rtol=0)
     torch.testing.assert_close(sr.magnitude, sp.magnitude, atol=1e-3 * float(sp.magnitude.max()), rtol=0)
+
+
+def test_calibrated_weights_name_their_rotation(tiny_llava, tmp_path):
+    """A GPTQ weights file records the rotation its codes were made for; a recipe with another one
+    is refused in one line (old files without the entry are `none`)."""
+    from quota_export.qweights import load_qweights, save_with_recipe, weight_meta
+    from quota_export.recipe import Pruning, Quant, Recipe
+    from quota_export.reference import rtn_weights
+
+    ad = models.load(tiny_llava)
+    rot = Recipe(name="r", model=str(tiny_llava), quant=Quant(scheme="w4a4kv4-rot"),
+                 pruning=Pruning(budget=1.0, n_visual=144, stages=[]))
+    cfg = DeployConfig.from_recipe(rot)
+    wq = rot.resolved_quant().weights.model_copy(update={"algorithm": "gptq"})
+    qw = rtn_weights(ad, cfg)
+    written, _ = save_with_recipe(rot.model_copy(update={"quant": Quant(scheme="w4a4kv4-rot", weights=wq)}), qw,
+                                  weight_meta(wq, 4, ad, sorted(qw), "hadamard"), tmp_path / "r.yaml")
+    got = load_qweights(load_recipe(tmp_path / "r.yaml"), ad, cfg)
+    assert all(torch.equal(got[n].q, qw[n].q) for n in qw)
+    doc = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    doc["quant"]["activations"] = {"bits": 4, "rotation": "none"}
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(doc))
+    plain = load_recipe(tmp_path / "plain.yaml")
+    with pytest.raises(UserError, match=r"^quant\.weights\.calibrated: .*r\.weights\.safetensors: made for "
+                                        r"quant\.activations\.rotation hadamard, the recipe has none$"):
+        load_qweights(plain, ad, DeployConfig.from_recipe(plain))
