@@ -73,7 +73,7 @@ class GPTQResult:
 
 
 def initial_states(dep: Deployed, prompts) -> list[State]:
-    return [State(dep.embed_prompt(p), p.positions(), p.visual_start, p.n_visual) for p in prompts]
+    return [State(dep.stream(p), p.positions(), p.visual_start, p.n_visual) for p in prompts]
 
 
 @torch.no_grad()
@@ -116,11 +116,8 @@ def gptq_weights(adapter, cfg, wq, prompts, base: dict[str, QWeight] | None = No
     weights of cfg (computed if None), kept for modules outside the decoder linears."""
     from tqdm import tqdm
 
-    from quota_export.reference import rtn_weights
-
-    base = rtn_weights(adapter, cfg) if base is None else base
-    dep = _Recording(adapter, cfg, dict(base))
-    mods = dict(adapter.model.named_modules())
+    dep = _Recording(adapter, cfg, None if base is None else dict(base))
+    base = dict(dep.qweights) if base is None else base
     pre = dep.spec.module_prefix
     states = initial_states(dep, prompts)
     res = GPTQResult(dep.qweights)
@@ -134,7 +131,7 @@ def gptq_weights(adapter, cfg, wq, prompts, base: dict[str, QWeight] | None = No
                 step(dep, l, st)
             for lin, name in names.items():
                 H = dep.acc[(l, lin)].hessian
-                w = mods[name].weight.detach().float()
+                w = dep.float_weight(name)  # rotated with rotation
                 qw = gptq(w, H, wq, act_bits=cfg.a_bits)
                 W = qw.dequant()
                 res.stats[name] = (output_error(w, W, H), output_error(w, base[name].dequant(), H))

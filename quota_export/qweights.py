@@ -52,8 +52,9 @@ def model_hash(adapter, names: list[str]) -> str:
     return h.hexdigest()
 
 
-def weight_meta(wq, a_bits: int, adapter, names: list[str], **extra) -> dict:
-    """The metadata a weights file carries (wq: the recipe's resolved WeightQuant)."""
+def weight_meta(wq, a_bits: int, adapter, names: list[str], rotation: str = "none", **extra) -> dict:
+    """The metadata a weights file carries (wq: the recipe's resolved WeightQuant; rotation:
+    quant.activations.rotation, the codes are of the rotated weights with hadamard)."""
     return {
         "format": FORMAT,
         "algorithm": wq.algorithm,
@@ -63,6 +64,7 @@ def weight_meta(wq, a_bits: int, adapter, names: list[str], **extra) -> dict:
         "group_size": wq.group_size,
         "accumulation": wq.accumulation,
         "act_bits": a_bits,
+        "rotation": rotation,
         "gptq": wq.gptq.model_dump(mode="python"),
         "model_sha256": model_hash(adapter, names),
         "modules": len(names),
@@ -136,6 +138,9 @@ def load_qweights(recipe, adapter, cfg) -> dict[str, QWeight]:
                       ("act_bits", cfg.a_bits)):
         if meta.get(key) != want:
             raise bad(f"made for {key} {meta.get(key)}, the recipe has {want}")
+    rot = cfg.quant.activations.rotation
+    if meta.get("rotation", "none") != rot:  # files written before rotation existed: none
+        raise bad(f"made for quant.activations.rotation {meta.get('rotation', 'none')}, the recipe has {rot}")
     if wq.granularity == "group" and meta.get("group_size") != wq.group_size:
         raise bad(f"made for group_size {meta.get('group_size')}, the recipe has {wq.group_size}")
 

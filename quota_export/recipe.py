@@ -196,9 +196,14 @@ W8A8 = ResolvedQuant(
     weights=WeightQuant(bits=8, granularity="channel"), activations=ActQuant(bits=8), kv_cache=KVQuant(bits=16)
 )
 FP = ResolvedQuant(weights=WeightQuant(bits=16), activations=ActQuant(bits=16), kv_cache=KVQuant(bits=16))
+# per-output-channel 4-bit weights (one integer GEMM per linear with export.matmul: integer) made
+# accurate by the Hadamard rotation of the residual stream and of down_proj's input (docs/numerics.md)
+W4A4KV4_ROT = ResolvedQuant(weights=WeightQuant(bits=4, granularity="channel"),
+                            activations=ActQuant(bits=4, rotation="hadamard"), kv_cache=KVQuant(bits=4))
 
 SCHEMES: dict[str, ResolvedQuant] = {
     "w4a4kv4": W4A4KV4,
+    "w4a4kv4-rot": W4A4KV4_ROT,
     "w4a4kv8": W4A4KV8,
     "w4a16": W4A16,
     "w8a8": W8A8,
@@ -642,7 +647,7 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "SCHEMES", "FP", "W4A16", "W4A4KV4", "W4A4KV8", "W8A8", "DEFAULT_IGNORE", "DEFAULT_TARGETS",
+    "SCHEMES", "FP", "W4A16", "W4A4KV4", "W4A4KV4_ROT", "W4A4KV8", "W8A8", "DEFAULT_IGNORE", "DEFAULT_TARGETS",
     "ActQuant", "Calibration", "Export", "GPTQArgs", "KVQuant", "Pruning", "Quant", "Recipe",
     "ResolvedQuant", "ScoreSigma", "ScoreWeights", "Stage", "WeightQuant",
     "format_validation_error", "load_recipe", "save_recipe",

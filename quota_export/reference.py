@@ -4,6 +4,7 @@ It runs the decoder by hand from the HF module weights (not through HF's forward
 primitives of `quota_export/ops/` whose ONNX forms the lowering composes the same way:
 
     h = embeds                                     # [1, T, D], visual tokens at [s, s+n)
+    [rotation: h = h Q, Q = diag(±1) H_D; weights rotated, norm weights folded (quant/hadamard.py)]
     for layer l:
         if a pruning stage sits at l:              # score the n current visual tokens
             s_i = w_m m_i/σ_m + w_a a_i/σ_a - w_r r_i/σ_r + w_d d_i/σ_d   (ops/signals.py)
@@ -15,7 +16,7 @@ primitives of `quota_export/ops/` whose ONNX forms the lowering composes the sam
         x  = Q_A(rmsnorm(h));  q, k, v = x W_q, x W_k, x W_v   (W = DQ(Q_W(W)))
         q, k = rope(q, k, pos);  k, v = DQ(Q_KV(k)), DQ(Q_KV(v))   -> this layer's cache
         h += Q_A(softmax(q k^T / sqrt(d) + bias + causal) v) W_o
-        x  = Q_A(rmsnorm(h));  h += Q_A(silu(x W_g) * x W_u) W_d
+        x  = Q_A(rmsnorm(h));  h += Q_A(silu(x W_g) * x W_u [H_I with rotation]) W_d
     logits = rmsnorm(h[-1]) W_lm
 
 Precision. Quantized matmuls are exact (integer activations, snapped weight scales; see
@@ -46,8 +47,10 @@ from quota_export.ops.maxmin import maxmin_score
 from quota_export.ops.merge import key_bias, merge_counts
 from quota_export.ops.norm import rmsnorm
 from quota_export.ops.rope import rope, rope_freqs
+from quota_export.ops.rotate import rotate
 from quota_export.ops.signals import Signals, cosine, signals_from, stage_score
 from quota_export.ops.swiglu import swiglu
+from quota_export.quant.hadamard import RotatedDecoder
 from quota_export.quant.quantizers import QWeight
 from quota_export.quant.rtn import rtn
 from quota_export.recipe import FP, SCHEMES, SIGNALS, ResolvedQuant
@@ -88,11 +91,6 @@ class DeployConfig:
         """The recipe's numerics; the stage keeps for images of `n_visual` tokens (default: the
         recipe's own n_visual; other counts scale by the stage fractions, Pruning.keeps_for)."""
         rq = recipe.resolved_quant()
-        a = rq.activations
-        if a.rotation != "none":
-            from quota_export import UserError
-
-            raise UserError("quant.activations.rotation: 'hadamard' is not lowered yet; use 'none'")
         if recipe.export.matmul == "integer" and rq.weights.accumulation != "exact":
             from quota_export import UserError
 
@@ -121,11 +119,25 @@ class DeployConfig:
     def kv_group(self) -> int | None:
         return self.quant.kv_cache.group_size
 
+    @property
+    def rotation(self) -> bool:
+        """quant.activations.rotation: hadamard (quant/hadamard.py RotatedDecoder, ops/rotate.py)."""
+        return self.quant.activations.rotation == "hadamard"
 
-def rtn_weights(adapter: Adapter, cfg: DeployConfig) -> dict[str, QWeight]:
-    """RTN codes of every module the recipe quantizes."""
+
+def rtn_weights(adapter: Adapter, cfg: DeployConfig, rot: RotatedDecoder | None = None) -> dict[str, QWeight]:
+    """RTN codes of every module the recipe quantizes (of the rotated weights with rotation; `rot`:
+    the model's RotatedDecoder if already computed)."""
     mods = dict(adapter.model.named_modules())
-    return {n: rtn(mods[n].weight.detach().float(), cfg.weights, cfg.a_bits) for n in cfg.weights.quantized(list(mods))}
+    if cfg.rotation and rot is None:
+        rot = RotatedDecoder(adapter)
+    return {n: rtn(float_weight(mods, n, rot), cfg.weights, cfg.a_bits) for n in cfg.weights.quantized(list(mods))}
+
+
+def float_weight(mods: dict, name: str, rot: RotatedDecoder | None) -> torch.Tensor:
+    """The fp32 weight the deployed model quantizes for module `name`: rotated, or the checkpoint's."""
+    w = None if rot is None else rot.weight(name)
+    return mods[name].weight.detach().float() if w is None else w
 
 
 @dataclass
@@ -200,27 +212,47 @@ class Deployed:
         self.cfg = cfg
         self.spec = sp = adapter.decoder_spec()
         self.heads = Heads(sp.heads, sp.kv_heads, sp.head_dim)
-        self.qweights = rtn_weights(adapter, cfg) if qweights is None else qweights
+        # rotation: the rotated weights (norm weights folded into the linears that read them)
+        self.rot = RotatedDecoder(adapter) if cfg.rotation else None
+        self.qweights = rtn_weights(adapter, cfg, self.rot) if qweights is None else qweights
         mods = dict(adapter.model.named_modules())
         self.W: list[dict[str, torch.Tensor]] = []
         self.B: list[dict[str, torch.Tensor | None]] = []
         self.quantized: list[dict[str, bool]] = []
         for i in range(sp.num_layers):
             names = {lin: f"{sp.module_prefix}.layers.{i}.{lin}" for lin in LINEARS}
-            self.W.append({lin: self.qweights[n].dequant() if n in self.qweights else mods[n].weight.detach().float()
+            self.W.append({lin: self.qweights[n].dequant() if n in self.qweights else self.float_weight(n)
                            for lin, n in names.items()})
-            self.B.append({lin: None if mods[n].bias is None else mods[n].bias.detach().float() for lin, n in names.items()})
+            self.B.append({lin: self._bias(mods[n], n) for lin, n in names.items()})
             self.quantized.append({lin: n in self.qweights for lin, n in names.items()})
         layers = adapter.layers()
         self.ln1 = [layer.input_layernorm.weight.detach().float() for layer in layers]
         self.ln2 = [layer.post_attention_layernorm.weight.detach().float() for layer in layers]
         self.norm = adapter.final_norm().weight.detach().float()
         self.lm_head = adapter.lm_head().weight.detach().float()
+        if self.rot is not None:  # the norm weights live in the linears that read the norms
+            self.ln1_signal = self.ln1  # the pruning signals' view (signal_qkv)
+            self.ln1 = [torch.ones_like(w) for w in self.ln1]
+            self.ln2 = [torch.ones_like(w) for w in self.ln2]
+            self.norm = torch.ones_like(self.norm)
+            self.lm_head = self.rot.weight(self._names[id(adapter.lm_head())])
         self.inv_freq = adapter.inv_freq()
         planes = adapter.rope_planes()
         self.rope_planes = None if planes is None else torch.tensor(planes, dtype=torch.long)
         self.stage_at = {s.layer: s for s in cfg.stages}
         self.hp = hp_dtype(cfg.fp64)
+
+    @property
+    def _names(self) -> dict[int, str]:
+        return {id(m): n for n, m in self.adapter.model.named_modules()}
+
+    def float_weight(self, name: str) -> torch.Tensor:
+        """The unquantized fp32 weight of module `name` as deployed (rotated with rotation)."""
+        return float_weight(dict(self.adapter.model.named_modules()), name, self.rot)
+
+    def _bias(self, mod, name: str):
+        b = None if self.rot is None else self.rot.bias(name)
+        return b if b is not None else None if mod.bias is None else mod.bias.detach().float()
 
     def with_reductions(self, fp64: bool) -> Deployed:
         """The same deployed weights with the reductions in float64 (True) or float32."""
@@ -239,6 +271,14 @@ class Deployed:
     def act(self, x, layer: int, lin: str):
         """The input of a linear: (integers, per-token scale) if quantized, else (x, None)."""
         return linear_input(x, self.cfg.a_bits, self.quantized[layer][lin])
+
+    def stream_in(self, h):
+        """The decoder's input stream from the embeddings: h, or h Q with rotation (ops/rotate.py)."""
+        return h if self.rot is None else rotate(h, self.rot.stream, self.hp)
+
+    def stream(self, prompt):
+        """The decoder's input stream of a prompt: `stream_in(embed_prompt(prompt))`."""
+        return self.stream_in(self.embed_prompt(prompt))
 
     def rope_freqs(self, pos):
         return rope_freqs(pos, self.inv_freq, self.rope_planes, self.hp)
@@ -263,6 +303,8 @@ class Deployed:
     def mlp(self, layer: int, h):
         x = self.act(rmsnorm(h, self.ln2[layer], self.spec.rms_eps, self.hp), layer, "mlp.gate_proj")
         a = swiglu(self.mm(x, layer, "mlp.gate_proj"), self.mm(x, layer, "mlp.up_proj"), self.hp)
+        if self.rot is not None:  # online Hadamard before down_proj's activation quantizer
+            a = rotate(a, self.rot.down, self.hp)
         return self.mm(self.act(a, layer, "mlp.down_proj"), layer, "mlp.down_proj")
 
     def layer(self, layer: int, h, pos, pre: QKV | None = None, bias=None):
@@ -283,13 +325,26 @@ class Deployed:
         return rmsnorm(h[:, -1], self.norm, self.spec.rms_eps, self.hp) @ self.lm_head.T
 
     # ------------------------------------------------------------ scoring
+    def signal_qkv(self, layer: int, h, pos) -> QKV:
+        """`qkv` as the pruning signals read it. With rotation, the attention input in the
+        checkpoint's basis, xn = rmsnorm(h) Q^T * g (the inverse rotation online, ops/rotate.py),
+        and its quantizer's codes: the code cosine (diversity, max-min, merging) and the input's
+        quantization risk read those, since in the rotated basis (no outlier channels) they are
+        other signals and a schedule would not carry over (docs/rotation.md)."""
+        a = self.qkv(layer, h, pos)
+        if self.rot is None:
+            return a
+        xn = rotate(a.xn, self.rot.stream.inverted(), self.hp) * self.ln1_signal[layer]
+        return dataclasses.replace(a, xn=xn, x=self.act(xn, layer, "self_attn.q_proj"))
+
     def signals(self, layer: int, h, pos, start: int, n: int, bias=None) -> Signals:
         """The stage signals of the n visual tokens at [start, start+n) (ops/signals.py)."""
-        return signals_from(self.qkv(layer, h, pos), h, start, n, self.heads, self.hp, self.cfg.kv_bits < 16, bias)
+        return signals_from(self.signal_qkv(layer, h, pos), h, start, n, self.heads, self.hp, self.cfg.kv_bits < 16,
+                            bias)
 
     def cosine(self, layer: int, h, pos, start: int, n: int):
         """[1,n,n] (hp) code cosine of the visual tokens at this layer (ops/signals.py)."""
-        return cosine(self.qkv(layer, h, pos).codes, start, n, self.hp)
+        return cosine(self.signal_qkv(layer, h, pos).codes, start, n, self.hp)
 
     def score(self, stage: StageCfg, layer: int, h, pos, start: int, n: int, bias=None):
         """The stage's score [1, n] (fp32): its weighted signals, or the max-min picks."""
@@ -317,7 +372,7 @@ class Deployed:
     def prefill(self, embeds, pos, start: int, n: int, keep_fn=None) -> PrefillOut:
         """embeds [1,T,D] float, pos [1,T] (or M-RoPE planes [P,1,T]) int64. `keep_fn(stage, layer, h,
         pos, start, n)`, if given, replaces the recipe's scorer (the stage-wise baselines), -> [1,k]."""
-        h = embeds.float()
+        h = self.stream_in(embeds.float())
         orig = torch.arange(n)[None]
         cache, kept, scores = [], [], []
         cnt = bias = None  # merged-token counts [n] and the key bias they give (pruning.merge)
@@ -346,7 +401,7 @@ class Deployed:
     def decode(self, emb, pos, cache: list[LayerKV]):
         """One step: emb [1,1,D], pos [1,1] (or [P,1,1] for M-RoPE); appends to each layer's cache in place."""
         sp = self.spec
-        h = emb.float()
+        h = self.stream_in(emb.float())
         for layer in range(sp.num_layers):
             a = self.qkv(layer, h, pos)
             c = cache[layer]

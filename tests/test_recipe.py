@@ -223,7 +223,7 @@ def test_kv_group_size_positive(tmp_path):
 
 def test_unknown_scheme(tmp_path):
     msg = load_error(tmp_path, mutate(quant={"scheme": "w3a3"}))
-    assert msg == "quant.scheme: unknown scheme 'w3a3' (known: w4a4kv4, w4a4kv8, w4a16, w8a8, fp)"
+    assert msg == "quant.scheme: unknown scheme 'w3a3' (known: w4a4kv4, w4a4kv4-rot, w4a4kv8, w4a16, w8a8, fp)"
 
 
 def test_no_scheme_needs_all_sections(tmp_path):
@@ -377,11 +377,13 @@ def test_check_ignore_matches_nothing(names):
 
 
 def test_presets_are_valid_and_distinct():
-    assert list(SCHEMES) == ["w4a4kv4", "w4a4kv8", "w4a16", "w8a8", "fp"]
+    assert list(SCHEMES) == ["w4a4kv4", "w4a4kv4-rot", "w4a4kv8", "w4a16", "w8a8", "fp"]
     dumps = {yaml.safe_dump(s.model_dump()) for s in SCHEMES.values()}
     assert len(dumps) == len(SCHEMES)
     assert SCHEMES["w4a4kv8"].kv_cache.bits == 8 and SCHEMES["w4a16"].activations.bits == 16
     assert SCHEMES["w8a8"].weights.bits == 8 and FP.weights.bits == FP.activations.bits == FP.kv_cache.bits == 16
+    rot = SCHEMES["w4a4kv4-rot"]
+    assert rot.weights.granularity == "channel" and rot.activations.rotation == "hadamard"
 
 
 def test_scheme_alone_resolves_to_preset():

@@ -170,7 +170,7 @@ def _with_gptq(recipe, res, adapter, dep, prompts, progress):
     cfg = DeployConfig.from_recipe(recipe)
     g = gptq_weights(adapter, cfg, wq, prompts, base=dep.qweights, progress=progress)
     c = recipe.calibration
-    meta = weight_meta(wq, cfg.a_bits, adapter, sorted(g.qweights), calibrated_on={
+    meta = weight_meta(wq, cfg.a_bits, adapter, sorted(g.qweights), cfg.quant.activations.rotation, calibrated_on={
         "data": c.data, "samples": c.samples, "seed": c.seed,
         "schedule": [[s.layer, s.keep] for s in recipe.pruning.stages]})
     notes = (f"{c.notes}; weights: GPTQ layer by layer on the pruned, quantized streams of the calibration "

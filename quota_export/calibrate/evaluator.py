@@ -154,7 +154,7 @@ class View:
                       for b, st, sg, cs, a in zip(self.batches, parent.states, parent.signals, parent.cos, parent.qkv)]
         sigs, coss, qkvs = [], [], []
         for b, st in zip(self.batches, states):
-            a = dep.qkv(layer, st.h, st.pos)
+            a = dep.signal_qkv(layer, st.h, st.pos)  # the signals' view (rotation: the checkpoint's basis)
             cs = batched.code_cosine(dep, a, b.start, st.n)
             bias = batched.key_bias(st.cnt, b.start, dep.hp)
             sigs.append(signals_from(a, st.h, b.start, st.n, dep.heads, dep.hp, dep.cfg.kv_bits < 16, bias))
@@ -267,7 +267,7 @@ def _reference_pass(i: int):
     fp32 numpy, the reference log-probabilities [V] fp64)."""
     dep, prompts, layers = _REFERENCE
     p = prompts[i]
-    h = dep.embed_prompt(p)
+    h = dep.stream(p)
     pos = p.positions()
     states = []
     for l in range(dep.spec.num_layers):

@@ -4,9 +4,11 @@ Both compose the same primitives of `quota_export/ops/` (this file the ONNX form
 the torch forms), so the graphs and the reference agree bit for bit in practice:
 
     prefill:  inputs_embeds [1,T,D], position_ids [1,T] (M-RoPE: [P,1,T])
+              [rotation: -> h Q (ops/rotate.py; the weights are the rotated ones)]
               -> per layer: [stage: score -> TopK(k) -> ascending -> Gather rows/positions
                                     (-> merge counts)]
                             RMSNorm -> Q/DQ(int4, per-token) -> MatMul(DQ(int4 W)) ...
+                            [rotation: the online Hadamard before down_proj's Q/DQ]
               -> logits [1,V] (last position), present.{l}.{key,value}[_scale,_zero], kept.{s} [1,k]
                  (+ merge.{s} [1,k] fp32 with pruning.merge: proportional)
     decode:   inputs_embeds [1,1,D], position_ids [1,1], past.{l}.* (lengths differ by layer)
@@ -35,6 +37,7 @@ from quota_export.ops.maxmin import maxmin_score_onnx
 from quota_export.ops.merge import key_bias_onnx, merge_counts_onnx
 from quota_export.ops.norm import rmsnorm_onnx
 from quota_export.ops.rope import rope_onnx, rope_tables_onnx
+from quota_export.ops.rotate import rotate_onnx
 from quota_export.ops.signals import cosine_onnx, integer_dots_exact_fp32, score_onnx
 from quota_export.ops.swiglu import swiglu_onnx
 from quota_export.reference import Deployed
@@ -195,8 +198,26 @@ class DecoderLowering:
         gt = self.linear(e, xn, l, "mlp.gate_proj", xq)
         up = self.linear(e, xn, l, "mlp.up_proj", xq)
         a = swiglu_onnx(e, gt, up, f"model/layers.{l}/mlp")
+        if self.dep.rot is not None:  # rotation: online Hadamard before down_proj's quantizer
+            a = rotate_onnx(e, a, self.dep.rot.down, f"model/layers.{l}/mlp/down_proj/hadamard")
         down = self.linear(e, a, l, "mlp.down_proj")
         return e.op("Add", [h, down], name=f"model/layers.{l}/mlp/residual")
+
+    def stream_in(self, e: Emit, h):
+        """The decoder's input stream (reference.Deployed.stream_in): h, or h Q with rotation."""
+        return h if self.dep.rot is None else rotate_onnx(e, h, self.dep.rot.stream, "model/rotate_input")
+
+    def signal_view(self, e: Emit, l: int, a: QKVNames, scope: str):
+        """With rotation, (xn, codes) as the pruning signals read them (`Deployed.signal_qkv`): the
+        attention input back in the checkpoint's basis, rmsnorm(h) Q^T * g, and its quantizer."""
+        if self.dep.rot is None:
+            return None
+        xn = rotate_onnx(e, a.xn, self.dep.rot.stream.inverted(), f"{scope}/signal_basis")
+        with e.scope(f"{scope}/signal_basis"):
+            xn = e.op("Mul", [e.init("norm_weight", self.dep.ln1_signal[l].numpy().astype(np.float32)), xn])
+        if a.xq is None:
+            return xn, None
+        return xn, act_quant_onnx(e, xn, self.cfg.a_bits, self.spec.hidden, f"{scope}/signal_basis/input_quant")
 
     def key_bias(self, e: Emit, cnt, k: int, name: str):
         return key_bias_onnx(e, cnt, k, self.visual_start, self.n_visual, name)
@@ -219,9 +240,12 @@ class DecoderLowering:
         with e.scope(scope):
             cos, sin = self.rope_tables(e, pos, "rope")
         a = self.qkv(e, l, h, cos, sin, kv_scope=scope)
+        sig = self.signal_view(e, l, a, scope)
         with e.scope(scope):
             if a.xq is not None:
                 a = replace(a, xq=self.float_codes(e, a.xq))
+            if sig is not None:
+                a = replace(a, xn=sig[0], xq=sig[1])
             # cosine of the attention input's integer codes (else the normed input): the
             # diversity signal, max-min selection and merging read it
             cosine = cosine_onnx(e, a.xn if a.xq is None else a.xq[0], s0, n,
@@ -272,7 +296,7 @@ class DecoderLowering:
     def prefill(self, opset: int) -> onnx.ModelProto:
         sp = self.spec
         e = self._emit("prefill")
-        h = e.g.input("inputs_embeds", FLOAT, [1, "seq", sp.hidden])
+        h = self.stream_in(e, e.g.input("inputs_embeds", FLOAT, [1, "seq", sp.hidden]))
         pos = e.g.input("position_ids", INT64, self.pos_shape("seq"))
         orig = e.const(np.arange(self.n_visual, dtype=np.int64)[None], np.int64)
         n = self.n_visual
@@ -308,7 +332,7 @@ class DecoderLowering:
     def decode(self, opset: int) -> onnx.ModelProto:
         sp = self.spec
         e = self._emit("decode")
-        h = e.g.input("inputs_embeds", FLOAT, [1, 1, sp.hidden])
+        h = self.stream_in(e, e.g.input("inputs_embeds", FLOAT, [1, 1, sp.hidden]))
         pos = e.g.input("position_ids", INT64, self.pos_shape(1))
         quant = self.cfg.kv_bits < 16
         past = []

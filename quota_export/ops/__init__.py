@@ -14,6 +14,7 @@ ONNX Runtime (bit for bit where the contract says so).
     rope        RoPE / M-RoPE
     attention   attention with grouped KV heads, causal mask, key bias
     swiglu      the gated MLP activation
+    rotate      the online Hadamard rotation (quant.activations.rotation: hadamard)
     signals     the stage signals (magnitude, attention, risk, diversity), the code cosine, the score
     maxmin      max-min (DivPrune-style) selection as a score
     merge       merged-token counts and their key bias

@@ -7,6 +7,8 @@
                (+ the same relative error of the cached k_i and v_i when the KV cache is quantized)
     diversity  d_i = 1 - max_{j<i} cos(f_i, f_j), f = the integer codes of the attention input's
                activation quantizer (x itself when unquantized); 2 for the first token
+    (with quant.activations.rotation: hadamard, x and f of risk and diversity are taken in the
+    checkpoint's basis: reference.Deployed.signal_qkv, docs/rotation.md)
     score      s_i = round((w_m/σ_m m_i + w_a/σ_a a_i - w_r/σ_r r_i + w_d/σ_d d_i) * 2^GRID) (fp32)
 
 On integer codes every dot product f_i . f_j is an exact integer (below 2^24 for 4-bit codes up to

@@ -17,8 +17,12 @@ RMSNorm commutes with Q (||h Q|| = ||h||), so with fused norm weights the rotate
 computes the same logits up to float rounding (all rotations are done in float64 and cast
 back once). The activation quantizer of down_proj's input must sit after `rotate_input`.
 
-Not done here (QuaRot does them too): per-head Hadamard on v/o and the online Hadamard on
-keys after RoPE.
+`rotate_model` rotates an HF model in place; the deployed model (reference.py, the graphs) uses
+`RotatedDecoder`, the same weights computed out of place, with the rotations of the decoder input
+and of down_proj's input online (ops/rotate.py).
+
+Not done here (QuaRot does it too): the online Hadamard on keys after RoPE. `rotate_model` also
+leaves values alone; `RotatedDecoder` rotates them per head (v/o).
 """
 
 from __future__ import annotations
@@ -104,11 +108,24 @@ def hadamard_matrix(n: int, seed: int = 0) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))[None, :]
 
 
+def hadamard_factor(n: int) -> tuple[int, torch.Tensor] | None:
+    """(m, P) with hadamard_matrix(n) = kron(Sylvester H_{n/m}, P) / sqrt(n), P the ±1 [m, m] float64
+    factor (Paley, or [[1]] for m = 1); None if n is not a Hadamard size (`is_hadamard_size`)."""
+    m = _hadamard_factor(n) if n >= 1 else None
+    if m is None:
+        return None
+    return m, (_paley(m) if m > 1 else torch.ones(1, 1, dtype=torch.float64))
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """The random ±1 diagonal of `random_hadamard(n, seed)` (float64 [n])."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+
+
 def random_hadamard(n: int, seed: int) -> torch.Tensor:
     """diag(random ±1) @ hadamard_matrix(n): the residual-stream rotation (orthonormal, float64)."""
-    g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
-    return signs[:, None] * hadamard_matrix(n, seed)
+    return random_signs(n, seed)[:, None] * hadamard_matrix(n, seed)
 
 
 # ---------------------------------------------------------------- online Hadamard module
@@ -229,4 +246,84 @@ def rotate_model(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-__all__ = ["HadamardLinear", "hadamard_matrix", "is_hadamard_size", "random_hadamard", "rotate_decoder", "rotate_model"]
+
+
+# ---------------------------------------------------------------- the deployed model's rotation
+
+ROTATION_SEED = 0  # the seed of the residual stream's random signs (quant.activations.rotation)
+
+
+class RotatedDecoder:
+    """The decoder weights of `rotate_decoder`, computed out of place from an adapter (reference.py).
+
+    The checkpoint's modules stay as they are (the embed and vision graphs, the FP reference and
+    other schemes on the same adapter read them); the rotated fp32 copies live here, by parameter
+    name (`<module>.weight`, `<module>.bias`), each rotated once in float64:
+
+        q/k/v, gate/up   W diag(g) Q        o_proj   Q^T W (b Q)       down_proj   Q^T W H
+        lm_head          W diag(g_final) Q  norms    g -> 1
+        values per head  v_proj B_kv^T W (b B_kv), o_proj ... W B_h (B = blockdiag(H_head_dim) over the
+                         kv / query heads; QuaRot's value rotation: the 4-bit value cache stores v H;
+                         skipped if head_dim is not a Hadamard size)
+
+    and the two online rotations (ops/rotate.py): `stream` = Q = diag(signs) H_hidden on the
+    decoder input (QuaRot fuses it into the embeddings and the projector), `down` = H_intermediate
+    before down_proj's activation quantizer.
+    """
+
+    def __init__(self, adapter, seed: int = ROTATION_SEED):
+        from quota_export import UserError
+        from quota_export.ops.rotate import Rotation
+
+        sp = adapter.decoder_spec()
+        bad = [f"{what} {n}" for what, n in (("hidden size", sp.hidden), ("intermediate size", sp.intermediate))
+               if not is_hadamard_size(n)]
+        if bad:
+            raise UserError(
+                f"quant.activations.rotation: hadamard needs the decoder's hidden and intermediate sizes to be "
+                f"2^k * m with m = 1 or a Paley order (12, 20, 24, 44, ...); this model's {' and '.join(bad)} "
+                "is not (use rotation: none)")
+        self.stream = Rotation.of(sp.hidden, random_signs(sp.hidden, seed))
+        self.down = Rotation.of(sp.intermediate)
+        Q = self.stream.matrix()
+        Hd = self.down.matrix()
+        Hv = hadamard_matrix(sp.head_dim) if is_hadamard_size(sp.head_dim) else torch.eye(sp.head_dim, dtype=torch.float64)
+        self.values_rotated = is_hadamard_size(sp.head_dim)
+        Bkv, Bh = torch.block_diag(*[Hv] * sp.kv_heads), torch.block_diag(*[Hv] * sp.heads)
+        names = {id(m): n for n, m in adapter.model.named_modules()}
+        d = lambda t: t.detach().double()  # noqa: E731
+        self.params: dict[str, torch.Tensor] = {}
+
+        def put(module: nn.Module, w: torch.Tensor, b: torch.Tensor | None = None):
+            self.params[f"{names[id(module)]}.weight"] = w.float().contiguous()
+            if b is not None:
+                self.params[f"{names[id(module)]}.bias"] = b.float().contiguous()
+
+        for layer in adapter.layers():
+            attn, mlp = layer.self_attn, layer.mlp
+            for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                                  (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+                g = d(norm.weight)
+                for lin in readers:
+                    w = (d(lin.weight) * g[None, :]) @ Q
+                    if lin is attn.v_proj:
+                        put(lin, Bkv.T @ w, None if lin.bias is None else d(lin.bias) @ Bkv)
+                    else:
+                        put(lin, w)
+            for lin, right in ((attn.o_proj, Bh), (mlp.down_proj, Hd)):
+                put(lin, Q.T @ d(lin.weight) @ right, None if lin.bias is None else d(lin.bias) @ Q)
+        head = adapter.lm_head()
+        put(head, (d(head.weight) * d(adapter.final_norm().weight)[None, :]) @ Q)
+
+    def weight(self, module_name: str) -> torch.Tensor | None:
+        """The rotated fp32 weight of a module, None for modules the rotation leaves alone."""
+        return self.params.get(f"{module_name}.weight")
+
+    def bias(self, module_name: str) -> torch.Tensor | None:
+        return self.params.get(f"{module_name}.bias")
+
+
+__all__ = [
+    "HadamardLinear", "ROTATION_SEED", "RotatedDecoder", "hadamard_factor", "hadamard_matrix", "is_hadamard_size",
+    "random_hadamard", "random_signs", "rotate_decoder", "rotate_model",
+]
