@@ -51,6 +51,7 @@ from quota_export.ops.swiglu import swiglu
 from quota_export.quant.quantizers import QWeight
 from quota_export.quant.rtn import rtn
 from quota_export.recipe import FP, SCHEMES, SIGNALS, ResolvedQuant
+from quota_export.weightcache import LayerWeights, PinnedCache
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -201,26 +202,43 @@ class Deployed:
         self.spec = sp = adapter.decoder_spec()
         self.heads = Heads(sp.heads, sp.kv_heads, sp.head_dim)
         self.qweights = rtn_weights(adapter, cfg) if qweights is None else qweights
-        mods = dict(adapter.model.named_modules())
-        self.W: list[dict[str, torch.Tensor]] = []
+        self._mods = mods = dict(adapter.model.named_modules())
+        # fp32 weights made per layer on use (weightcache.py): the checkpoint is held once, in its dtype
+        self._cache = PinnedCache()
+        self.W: list[LayerWeights] = []
         self.B: list[dict[str, torch.Tensor | None]] = []
         self.quantized: list[dict[str, bool]] = []
         for i in range(sp.num_layers):
             names = {lin: f"{sp.module_prefix}.layers.{i}.{lin}" for lin in LINEARS}
-            self.W.append({lin: self.qweights[n].dequant() if n in self.qweights else mods[n].weight.detach().float()
-                           for lin, n in names.items()})
+            self.W.append(LayerWeights(names, self.qweights, self.float_weight, lambda n: mods[n].weight, self._cache))
             self.B.append({lin: None if mods[n].bias is None else mods[n].bias.detach().float() for lin, n in names.items()})
             self.quantized.append({lin: n in self.qweights for lin, n in names.items()})
         layers = adapter.layers()
         self.ln1 = [layer.input_layernorm.weight.detach().float() for layer in layers]
         self.ln2 = [layer.post_attention_layernorm.weight.detach().float() for layer in layers]
         self.norm = adapter.final_norm().weight.detach().float()
-        self.lm_head = adapter.lm_head().weight.detach().float()
+        self._lm_head = None  # an assigned lm_head; else the checkpoint's, upcast on use
         self.inv_freq = adapter.inv_freq()
         planes = adapter.rope_planes()
         self.rope_planes = None if planes is None else torch.tensor(planes, dtype=torch.long)
         self.stage_at = {s.layer: s for s in cfg.stages}
         self.hp = hp_dtype(cfg.fp64)
+
+    def float_weight(self, name: str) -> torch.Tensor:
+        """The unquantized fp32 weight of module `name` (the checkpoint's, upcast)."""
+        return self._mods[name].weight.detach().float()
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        """fp32 [vocab, hidden]: the checkpoint's, upcast on use (kept while the cache has room)."""
+        if self._lm_head is not None:
+            return self._lm_head
+        w = self.adapter.lm_head().weight
+        return self._cache.get("lm_head", lambda: w.detach().float(), w)
+
+    @lm_head.setter
+    def lm_head(self, w: torch.Tensor) -> None:
+        self._lm_head = w
 
     def with_reductions(self, fp64: bool) -> Deployed:
         """The same deployed weights with the reductions in float64 (True) or float32."""

@@ -61,15 +61,35 @@ def read_exported(path: Path, opset: int) -> onnx.ModelProto:
     return m
 
 
-def lower(dep: Deployed, visual_start: int, opset: int) -> dict[str, onnx.ModelProto]:
+def makers(dep: Deployed, visual_start: int, opset: int) -> dict:
+    """graph file name -> a function making that graph (in the order they are written)."""
     adapter = dep.adapter
-    low = DecoderLowering(dep, adapter.n_visual(), visual_start)
-    graphs = {
-        "vision.onnx": vision_graph(adapter, opset),
-        "embed.onnx": embed_graph(adapter.embed_tokens().weight.detach().float().numpy(), opset),
-        "prefill.onnx": low.prefill(opset),
-        "decode.onnx": DecoderLowering(dep, adapter.n_visual(), visual_start).decode(opset),
+    n = adapter.n_visual()
+    return {
+        "vision.onnx": lambda: vision_graph(adapter, opset),
+        "embed.onnx": lambda: embed_graph(adapter.embed_tokens().weight.detach().float().numpy(), opset),
+        "prefill.onnx": lambda: DecoderLowering(dep, n, visual_start).prefill(opset),
+        "decode.onnx": lambda: DecoderLowering(dep, n, visual_start).decode(opset),
     }
+
+
+def lower(dep: Deployed, visual_start: int, opset: int) -> dict[str, onnx.ModelProto]:
+    graphs = {name: make() for name, make in makers(dep, visual_start, opset).items()}
     for m in graphs.values():
         external.check(m)  # a graph over the external-data threshold is checked by path once written
     return graphs
+
+
+def lower_into(folder: Path, dep: Deployed, visual_start: int, opset: int) -> dict[str, tuple[dict, onnx.ModelProto]]:
+    """The four graphs written into `folder` one at a time, each as soon as it is made, its
+    initializers streamed to its data file while it is built (external.streaming): the process
+    never holds more than one graph, and a large one without its weights. -> name -> (file
+    entry of external.write_graph, the graph as written: a large one without its tensors' bytes).
+    The same files as writing `lower()`'s graphs."""
+    out = {}
+    with external.streaming(folder):
+        for name, make in makers(dep, visual_start, opset).items():
+            m = make()
+            external.check(m)
+            out[name] = (external.write_graph(m, Path(folder) / name), m)  # a large m lets go of its bytes
+    return out
