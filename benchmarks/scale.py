@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,7 +175,7 @@ def run_timing(artifacts: str, bench: str, out: str) -> None:
     }))
 
 
-def measure_row(row: str, limit: int, samples: int, calibrate: bool) -> dict:
+def measure_row(row: str, limit: int, samples: int, calibrate: bool, skip: tuple = ()) -> dict:
     import datetime
     import json
 
@@ -192,6 +193,9 @@ def measure_row(row: str, limit: int, samples: int, calibrate: bool) -> dict:
     res["checkpoint_bytes"] = sum(f.stat().st_size for f in (CKPT / spec["name"]).glob("*.safetensors"))
     recipe, bench = write_inputs(row, samples)
     out = d / "graphs"
+    shutil.rmtree(out, ignore_errors=True)  # scale.py's own output of an earlier run
+    for f in ("verify.json", "run.json"):
+        (d / f).unlink(missing_ok=True)
     py = [sys.executable, "-m", "quota_export"]
     steps = {
         "build": py + ["build", "--recipe", str(recipe), "--out", str(out), "--bench", str(bench), "--samples", str(samples)],
@@ -203,6 +207,8 @@ def measure_row(row: str, limit: int, samples: int, calibrate: bool) -> dict:
         steps["calibrate"] = py + ["calibrate", "--model", str(CKPT / spec["name"]), "--data", str(bench),
                                    "--budget", "0.3", "--samples", str(samples), "-o", str(d / "calibrated.yaml")]
     for name, cmd in steps.items():
+        if name in skip:
+            continue
         r = measured(cmd, limit, d / f"{name}.log")
         tail = (d / f"{name}.log").read_text(errors="replace").strip().splitlines()[-3:]
         res[name] = {**r, **({"log_tail": tail} if r["rc"] else {})}
@@ -340,6 +346,7 @@ def main(argv=None) -> int:
                     help="measure this row -> benchmarks/scale-<row>.json, then rewrite scale.md")
     ap.add_argument("--samples", type=int, default=2, help="parity samples (build and verify; default 2)")
     ap.add_argument("--calibrate", action="store_true", help="also time `calibrate` on the row (its own column)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["verify", "run"], help="steps not measured")
     ap.add_argument("--table", action="store_true", help="rewrite benchmarks/scale.md from the rows' JSON")
     ap.add_argument("--write-checkpoint", choices=sorted(ROWS), help=argparse.SUPPRESS)  # children's parts
     ap.add_argument("--run-timing", nargs=3, help=argparse.SUPPRESS)
@@ -354,7 +361,7 @@ def main(argv=None) -> int:
     for row in args.only:
         import json
 
-        res = measure_row(row, limit, args.samples, args.calibrate)
+        res = measure_row(row, limit, args.samples, args.calibrate, tuple(args.skip))
         (HERE / f"scale-{row}.json").write_text(json.dumps(res, indent=1) + "\n")
     if args.only or args.table:
         (HERE / "scale.md").write_text(table())

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +52,8 @@ from quota_export.ops.swiglu import swiglu
 from quota_export.quant.quantizers import QWeight
 from quota_export.quant.rtn import rtn
 from quota_export.recipe import FP, SCHEMES, SIGNALS, ResolvedQuant
-from quota_export.weightcache import LayerWeights, PinnedCache
+from quota_export import weightcache
+from quota_export.weightcache import LayerWeights, PackedCodes, PinnedCache
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -123,10 +125,18 @@ class DeployConfig:
         return self.quant.kv_cache.group_size
 
 
-def rtn_weights(adapter: Adapter, cfg: DeployConfig) -> dict[str, QWeight]:
-    """RTN codes of every module the recipe quantizes."""
+def rtn_weights(adapter: Adapter, cfg: DeployConfig, page_out: bool = False) -> MutableMapping[str, QWeight]:
+    """RTN codes of every module the recipe quantizes (4-bit codes stored two per byte,
+    weightcache.PackedCodes). `page_out`: hand each weight's pages back to the kernel once its
+    codes exist (weightcache.page_out; the checkpoint is read once)."""
     mods = dict(adapter.model.named_modules())
-    return {n: rtn(mods[n].weight.detach().float(), cfg.weights, cfg.a_bits) for n in cfg.weights.quantized(list(mods))}
+    codes = PackedCodes()
+    for n in cfg.weights.quantized(list(mods)):
+        w = mods[n].weight.detach()
+        codes[n] = rtn(w.float(), cfg.weights, cfg.a_bits)
+        if page_out:
+            weightcache.page_out(w)
+    return codes
 
 
 @dataclass
@@ -201,7 +211,7 @@ class Deployed:
         self.cfg = cfg
         self.spec = sp = adapter.decoder_spec()
         self.heads = Heads(sp.heads, sp.kv_heads, sp.head_dim)
-        self.qweights = rtn_weights(adapter, cfg) if qweights is None else qweights
+        self.qweights = rtn_weights(adapter, cfg, page_out=True) if qweights is None else qweights
         self._mods = mods = dict(adapter.model.named_modules())
         # fp32 weights made per layer on use (weightcache.py): the checkpoint is held once, in its dtype
         self._cache = PinnedCache()

@@ -11,15 +11,45 @@ fp32 weight (the dequantized codes, or the upcast checkpoint weight) when a laye
                     first layers and remakes the rest per pass, with bounded memory
 
 Remaking is exact (the same ops on the same tensors), so the numbers do not depend on the budget.
+
+    PackedCodes     the quantized linears' 4-bit codes, two per byte (unpacked when read)
+    page_out(t)     the checkpoint's tensors are memory-mapped from its safetensors files: once a
+                    quantized linear's codes exist, its pages are handed back to the kernel
+                    (madvise MADV_PAGEOUT, Linux; a hint that never loses data: a page read
+                    again comes back from the file, and anonymous memory is left alone without swap)
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import dataclasses
+import os
+import sys
 from collections.abc import Callable, MutableMapping
 
 import torch
 
 CACHE_BYTES = 2 << 30  # fp32 weights kept made per Deployed (its views share them)
+
+
+MADV_PAGEOUT = 21  # linux/mman.h (Linux >= 5.4)
+_libc = None
+
+
+def page_out(t: torch.Tensor) -> bool:
+    """Ask the kernel to reclaim the whole pages of `t`'s memory now (see the module doc); False
+    where it cannot (not Linux, an older kernel)."""
+    global _libc
+    if not sys.platform.startswith("linux") or t.numel() == 0:
+        return False
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + nbytes(t)) // page * page
+    return end <= start or _libc.madvise(start, end - start, MADV_PAGEOUT) == 0
 
 
 def nbytes(t) -> int:
@@ -81,3 +111,40 @@ class LayerWeights(MutableMapping):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+class PackedCodes(MutableMapping):
+    """{module name: QWeight} holding 4-bit codes two per byte (half the bytes of int8 codes:
+    LLaVA-1.5-7B 3.3 GB instead of 6.5 GB); a QWeight read from it has its usual int8/uint8 codes,
+    unpacked for the caller. Other bit widths are kept as given."""
+
+    def __init__(self, items=()):
+        self._d: dict = {}
+        for k, v in dict(items).items():
+            self[k] = v
+
+    def __setitem__(self, name: str, qw) -> None:
+        if qw.bits == 4 and qw.q.shape[-1] % 2 == 0:
+            u = (qw.q.to(torch.int16) & 0xF).to(torch.uint8)
+            qw = (dataclasses.replace(qw, q=u[:, 0::2] | (u[:, 1::2] << 4)), qw.q.dtype)
+        self._d[name] = qw
+
+    def __getitem__(self, name: str):
+        v = self._d[name]
+        if not isinstance(v, tuple):
+            return v
+        qw, dtype = v
+        lo, hi = (qw.q & 0xF), (qw.q >> 4)
+        q = torch.stack([lo, hi], dim=-1).view(qw.q.shape[0], -1).to(torch.int16)
+        if dtype == torch.int8:
+            q = q - ((q & 0x8) << 1)  # sign-extend the nibble
+        return dataclasses.replace(qw, q=q.to(dtype))
+
+    def __delitem__(self, name: str) -> None:
+        del self._d[name]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)

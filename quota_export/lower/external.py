@@ -98,6 +98,62 @@ def tensor_bytes(m) -> int:
                for t in _get_all_tensors(m))
 
 
+def stream_exported(m, src: Path, graph: str) -> bool:
+    """Inside `streaming`, for a large graph `m` whose tensors sit in an exporter's external files
+    under `src`: copy them to `<folder>/<graph>.onnx.data` in onnx.save_model's layout (the tensors
+    of >= 1 KiB in initializer order; the others read into the graph) and point `m` there. -> True
+    if done; False (nothing changed) outside `streaming` or for a graph within the threshold."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, _get_initializer_tensors, \
+        load_external_data_for_tensor
+
+    folder = _FOLDER.get()
+    if folder is None or not is_large(m):
+        return False
+    out = Path(folder) / data_name(Path(f"{graph}.onnx"))
+    with open(out, "xb") as f:
+        for t in _get_initializer_tensors(m):
+            if t.data_location == t.EXTERNAL:
+                info = ExternalDataInfo(t)
+                src_file = Path(src) / info.location
+                n = info.length if info.length else src_file.stat().st_size - (info.offset or 0)
+                if sys.getsizeof(b"") + n < SIZE_THRESHOLD:
+                    load_external_data_for_tensor(t, str(src))
+                    del t.external_data[:]
+                    t.ClearField("data_location")
+                    continue
+                with open(src_file, "rb") as g:
+                    g.seek(info.offset or 0)
+                    off = f.tell()
+                    left = n
+                    while left:
+                        chunk = g.read(min(left, 64 << 20))
+                        if not chunk:
+                            raise ValueError(f"{src_file}: truncated external data of {t.name}")
+                        f.write(chunk)
+                        left -= len(chunk)
+                _point(t, out.name, off, n)
+            elif t.HasField("raw_data") and sys.getsizeof(t.raw_data) >= SIZE_THRESHOLD:
+                off = f.tell()
+                f.write(t.raw_data)
+                _point(t, out.name, off, len(t.raw_data))
+                t.ClearField("raw_data")
+    for t in _get_all_tensors(m):  # tensors outside the initializers stay in the graph (as save_model)
+        if t.data_location == t.EXTERNAL and not any(e.key == "location" and e.value == out.name for e in t.external_data):
+            load_external_data_for_tensor(t, str(src))
+            del t.external_data[:]
+            t.ClearField("data_location")
+    return True
+
+
+def _point(t, location: str, offset: int, length: int) -> None:
+    """`t`'s bytes are at [offset, offset + length) of `location` (the entries set_external_data writes)."""
+    del t.external_data[:]
+    t.data_location = t.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
 def _external_length(t) -> int:
     return int({e.key: e.value for e in t.external_data}.get("length", 0)) if t.data_location == t.EXTERNAL else 0
 

@@ -47,16 +47,19 @@ def vision_graph(adapter, opset: int) -> onnx.ModelProto:
 
 def read_exported(path: Path, opset: int) -> onnx.ModelProto:
     """An exported graph converted to `opset`, its external data (if any) read into memory: the
-    conversion sees the graph without the tensors' bytes (it serializes its input, < 2 GiB)."""
+    conversion sees the graph without the tensors' bytes (it serializes its input, < 2 GiB).
+    Inside external.streaming, a large graph's bytes are copied to its data file instead."""
     from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model
 
     m = onnx.load(str(path), load_external_data=False)
     if opset > 20:
         m = version_converter.convert_version(m, opset)
-    external = [t for t in _get_all_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
+    ext = [t for t in _get_all_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if ext and external.stream_exported(m, path.parent, path.stem):
+        return m  # inside external.streaming: the bytes went from the exporter's files to <graph>.onnx.data
+    if ext:
         load_external_data_for_model(m, str(path.parent))
-        for t in external:
+        for t in ext:
             t.ClearField("data_location")  # as if it had never been external
     return m
 

@@ -114,3 +114,39 @@ def test_reference_weights_are_made_on_use_and_exact_without_cache(tiny, monkeyp
     assert bare._cache.used == 0 and all(v.data_ptr() in params for v in bare._cache.kept.values())  # views only
     assert dep._cache.used > 0  # the default budget keeps the tiny model's dequantized weights
     assert torch.equal(bare.lm_head, dep.adapter.lm_head().weight.float())
+
+
+def test_exported_external_data_streams_to_the_graph_data_file(tmp_path, monkeypatch):
+    """A vision export that came with external data (the exporter's own files): inside `streaming`
+    its bytes are copied to vision.onnx.data without loading them, giving the same two files as
+    reading it whole and writing it (tensors under 1 KiB go back into the graph, as save_model)."""
+    from quota_export.lower.decoder import embed_graph
+    from quota_export.lower.onnx_target import read_exported
+
+    monkeypatch.setattr(external, "EXTERNAL_DATA_BYTES", 1024)
+    src, whole, streamed = (tmp_path / d for d in ("src", "whole", "streamed"))
+    for d in (src, whole, streamed):
+        d.mkdir()
+    m = embed_graph(torch.randn(50, 16).numpy(), 20)
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(7, dtype=np.float32), "small"))
+    onnx.save_model(m, str(src / "vision.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    want = external.write_graph(read_exported(src / "vision.onnx", 21), whole / "vision.onnx")
+    with external.streaming(streamed):
+        got = read_exported(src / "vision.onnx", 21)
+        assert external.streamed(got)
+        assert external.write_graph(got, streamed / "vision.onnx") == want
+    assert files(streamed) == files(whole) and sorted(files(whole)) == ["vision.onnx", "vision.onnx.data"]
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="madvise(MADV_PAGEOUT) is Linux's")
+def test_page_out_keeps_the_values(tiny):
+    """Handing a weight's pages back to the kernel loses nothing: the checkpoint's memory-mapped
+    weight reads the same afterwards, and so does an anonymous tensor (no swap: left alone)."""
+    from quota_export.weightcache import page_out
+
+    dep, _ = tiny
+    w = dep.adapter.layers()[1].mlp.up_proj.weight.detach()
+    anon = torch.randn(1 << 20)
+    before = (w.clone(), anon.clone())
+    assert page_out(w) and page_out(anon)
+    assert torch.equal(w, before[0]) and torch.equal(anon, before[1])
