@@ -150,6 +150,11 @@ class GraphRunner(OrtRunner):
             if r.is_active:
                 r.deactivate()
 
+    def release(self) -> None:
+        """Close and drop every session (their memory goes back; this runner is spent)."""
+        self.close()
+        self.runners, self.sessions = OrderedDict(), {}
+
     def __del__(self):
         self.close()
 
@@ -246,12 +251,24 @@ class SampleLoader:
         return sample_feed(image, question, self.graphs.embeds(ids, pix))
 
 
-def run_side_by_side(graphs: GraphRunner, deployed, items, max_new_tokens: int):
+def run_side_by_side(graphs: GraphRunner, deployed, items, max_new_tokens: int, release: bool = False):
     """Yields (reference outputs, graph outputs) per item: `Comparator.run` in streaming mode (one
-    sample at a time, both runners active), the reference first."""
+    sample at a time, both runners active), the reference first. `release` (build, verify): the
+    graphs run every item first and their sessions are released (`graphs` is spent) before the
+    reference runs, so the two never hold memory at once; the same outputs."""
     from polygraphy.comparator import Comparator
 
     quiet_polygraphy()
+    if release:
+        loader, pipe, ref = SampleLoader(graphs, items), PipelineRunner(graphs, max_new_tokens), \
+            ReferenceRunner(deployed, max_new_tokens)
+        with pipe:
+            done = [(feed, pipe.infer(feed)) for feed in (loader[i] for i in range(len(loader)))]
+        graphs.release()
+        with ref:
+            for feed, out in done:
+                yield ref.infer(feed), out
+        return
     runners = [ReferenceRunner(deployed, max_new_tokens), PipelineRunner(graphs, max_new_tokens)]
     for results in Comparator.run(runners, data_loader=SampleLoader(graphs, items), streaming=True):
         (_, ref), (_, out) = results.items()

@@ -116,6 +116,23 @@ def test_compare_goes_through_the_comparator(built, items):
     assert rep.failures() == []  # the tiny build holds exact parity
 
 
+def test_compare_releasing_the_graphs_first_gives_the_same_report(built, items):
+    """release=True (build, verify): every sample through the graphs, their sessions dropped, then
+    the reference: the same report as side by side, and the runner holds no session after."""
+    from quota_export.build import deployed_at, load_model
+    from quota_export.recipe import load_recipe
+    from quota_export.verify import compare
+
+    r, res = built
+    recipe = load_recipe(r)
+    _, dep = deployed_at(recipe, load_model(recipe), fp64=True)
+    want = compare(runners.GraphRunner(res.out, threads=1), dep, items, 4, progress=False, ids=["a", "b", "c"])
+    graphs = runners.GraphRunner(res.out, threads=1)
+    got = compare(graphs, dep, items, 4, progress=False, ids=["a", "b", "c"], release=True)
+    assert got.as_dict() == want.as_dict() and got.records == want.records
+    assert graphs.sessions == {} and not graphs.runners
+
+
 def test_cli_backend_ort_cpu_runs(built, items, capsys):
     _, res = built
     from quota_export.data import load_bench
