@@ -37,19 +37,31 @@ MADV_PAGEOUT = 21  # linux/mman.h (Linux >= 5.4)
 _libc = None
 
 
-def page_out(t: torch.Tensor) -> bool:
-    """Ask the kernel to reclaim the whole pages of `t`'s memory now (see the module doc); False
-    where it cannot (not Linux, an older kernel)."""
+def _c():
     global _libc
-    if not sys.platform.startswith("linux") or t.numel() == 0:
-        return False
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _libc
+
+
+def page_out(t: torch.Tensor) -> bool:
+    """Ask the kernel to reclaim the whole pages of `t`'s memory now (see the module doc); False
+    where it cannot (not Linux, an older kernel)."""
+    if not sys.platform.startswith("linux") or t.numel() == 0:
+        return False
     page = os.sysconf("SC_PAGE_SIZE")
     start = -(-t.data_ptr() // page) * page
     end = (t.data_ptr() + nbytes(t)) // page * page
-    return end <= start or _libc.madvise(start, end - start, MADV_PAGEOUT) == 0
+    return end <= start or _c().madvise(start, end - start, MADV_PAGEOUT) == 0
+
+
+def trim() -> None:
+    """Give the C heap's free memory back to the system (glibc malloc_trim; elsewhere nothing):
+    after a phase that freed gigabytes (a graph written, sessions released), so that the next
+    phase's peak is its own."""
+    if sys.platform.startswith("linux") and hasattr(_c(), "malloc_trim"):
+        _c().malloc_trim(0)
 
 
 def nbytes(t) -> int:
@@ -97,6 +109,11 @@ class LayerWeights(MutableMapping):
         if n in self.qweights:
             return self.cache.get(("dequant", n), lambda: self.qweights[n].dequant())
         return self.cache.get(("float", n), lambda: self.float_weight(n), self.weight_of(n))
+
+    def in_features(self, lin: str) -> int:
+        """The linear's input width, without making its fp32 weight."""
+        w = self.set.get(lin)
+        return int((w if w is not None else self.weight_of(self.names[lin])).shape[1])
 
     def __setitem__(self, lin: str, w: torch.Tensor) -> None:
         if lin not in self.names:

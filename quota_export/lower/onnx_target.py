@@ -14,7 +14,7 @@ import onnx
 import torch
 from onnx import version_converter
 
-from quota_export import __version__
+from quota_export import __version__, weightcache
 from quota_export.lower import external
 from quota_export.lower.decoder import DecoderLowering, embed_graph
 from quota_export.reference import Deployed
@@ -87,12 +87,16 @@ def lower_into(folder: Path, dep: Deployed, visual_start: int, opset: int) -> di
     """The four graphs written into `folder` one at a time, each as soon as it is made, its
     initializers streamed to its data file while it is built (external.streaming): the process
     never holds more than one graph, and a large one without its weights. -> name -> (file
-    entry of external.write_graph, the graph as written: a large one without its tensors' bytes).
+    entry of external.write_graph, the graph without its initializers: its inputs and outputs).
     The same files as writing `lower()`'s graphs."""
     out = {}
     with external.streaming(folder):
         for name, make in makers(dep, visual_start, opset).items():
             m = make()
             external.check(m)
-            out[name] = (external.write_graph(m, Path(folder) / name), m)  # a large m lets go of its bytes
+            entry = external.write_graph(m, Path(folder) / name)
+            m.graph.ClearField("initializer")  # what the caller reads (inputs, outputs) stays
+            out[name] = (entry, m)
+            del m
+            weightcache.trim()
     return out

@@ -265,6 +265,9 @@ def run_side_by_side(graphs: GraphRunner, deployed, items, max_new_tokens: int, 
         with pipe:
             done = [(feed, pipe.infer(feed)) for feed in (loader[i] for i in range(len(loader)))]
         graphs.release()
+        from quota_export.weightcache import trim
+
+        trim()
         with ref:
             for feed, out in done:
                 yield ref.infer(feed), out

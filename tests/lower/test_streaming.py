@@ -58,9 +58,8 @@ def test_streamed_graphs_equal_the_graphs_written_whole(tiny, tmp_path, monkeypa
     assert files(streamed) == files(whole)
     names = sorted(files(whole))
     assert names == sorted(ONNX + (tuple(g + ".data" for g in ONNX) if threshold else ()))
-    for n, (_, m) in got.items():  # what lower_into hands back holds no weight bytes when large
-        big = [t.name for t in m.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= 1024]
-        assert (big == []) == bool(threshold), n
+    for n, (_, m) in got.items():  # what lower_into hands back: the graph's interface, no weights
+        assert len(m.graph.initializer) == 0 and m.graph.input and m.graph.output, n
     if threshold:
         onnx.checker.check_model(str(streamed / "prefill.onnx"))
 
