@@ -382,7 +382,9 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
         f"{len(data.items)} samples of {data.source}")
     from quota_export.runtime.runners import GraphRunner
 
-    runner = GraphRunner(folder, "ort-cpu", threads=threads)
+    from quota_export.runtime.runners import parity_session_bytes
+
+    runner = GraphRunner(folder, "ort-cpu", threads=threads, session_bytes=parity_session_bytes(manifest))
     # Always against the exact reference (fp64 reductions, every result rounded once to fp32):
     # graphs with fp32 reductions differ from it only by their own roundings, whereas a reference
     # in fp32 would add torch's (another summation order) - on the shipped default that halves

@@ -105,14 +105,26 @@ class GraphRunner(OrtRunner):
     providers of the backend). tensorrt: `TrtRunner` over `<graph>.engine` beside each graph, built
     by `build --target tensorrt` (the graphs are still checked against the manifest first)."""
 
-    def __init__(self, artifacts: str | Path, backend: str = "ort-cpu", threads: int = 0):
+    def __init__(self, artifacts: str | Path, backend: str = "ort-cpu", threads: int = 0,
+                 session_bytes: int | None = None):
         require_backend(backend)
         quiet_polygraphy()
         self.backend = backend
-        super().__init__(artifacts, threads, providers=PROVIDERS.get(backend, PROVIDERS["ort-cpu"]))
-        self.runners = OrderedDict((g, self._runner(g)) for g in GRAPHS)
-        for r in self.runners.values():
-            r.activate()
+        self.runners = OrderedDict()
+        if backend == "tensorrt":
+            session_bytes = None  # engines, not sessions
+        super().__init__(artifacts, threads, providers=PROVIDERS.get(backend, PROVIDERS["ort-cpu"]),
+                         session_bytes=session_bytes)
+        if session_bytes is None:
+            self.runners = OrderedDict((g, self._runner(g)) for g in GRAPHS)
+            for r in self.runners.values():
+                r.activate()
+
+    def _drop(self, g: str) -> None:
+        r = self.runners.pop(g, None)
+        if r is not None and r.is_active:
+            r.deactivate()
+        super()._drop(g)
 
     def _session(self, g: str, src, so):
         if self.backend == "tensorrt":
@@ -140,6 +152,11 @@ class GraphRunner(OrtRunner):
 
         try:  # polygraphy prints a refusal before raising it: the CLI's one line says it instead
             with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):
+                if self.session_bytes is not None:  # sessions made on use (session_bytes)
+                    self._open(g)
+                if g not in self.runners:
+                    self.runners[g] = self._runner(g)
+                    self.runners[g].activate()
                 return dict(self.runners[g].infer(feeds))
         except (PolygraphyException, *ort_errors()) as e:
             raise self.refused(g, e) from None
@@ -249,6 +266,22 @@ class SampleLoader:
         image, question = self.items[i]
         ids, pix = self.graphs.encode(image, question)
         return sample_feed(image, question, self.graphs.embeds(ids, pix))
+
+
+LARGE_GRAPHS = 4 << 30  # graph sets above this run their parity one decoder graph at a time
+
+
+def parity_session_bytes(manifest: dict) -> int | None:
+    """The `session_bytes` of a parity check (build, verify): None (every session held) for a
+    graph set up to LARGE_GRAPHS bytes; above, room for the embedding graph and the largest
+    other one, so a real-size model never holds its prefill and decode sessions together."""
+    sizes = {}
+    for g, e in manifest["graphs"].items():
+        data = e.get("external_data")
+        sizes[g] = e["bytes"] + (manifest["files"][data]["bytes"] if data else 0)
+    if sum(sizes.values()) <= LARGE_GRAPHS:
+        return None
+    return sizes.get("embed.onnx", 0) + max(v for g, v in sizes.items() if g != "embed.onnx")
 
 
 def run_side_by_side(graphs: GraphRunner, deployed, items, max_new_tokens: int, release: bool = False):
