@@ -292,6 +292,10 @@ def table() -> str:
     for r in rows:
         if r.get("error"):
             out.append(f"- ({r['row']}): {r['error']}")
+        for step in ("build", "verify", "run", "calibrate"):
+            st = r.get(step) or {}
+            if st.get("rc") and st.get("log_tail"):
+                out.append(f"- ({r['row']}) {step}: `{st['log_tail'][-1][:300]}`")
     return "\n".join(out) + "\n"
 
 
