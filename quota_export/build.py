@@ -380,9 +380,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
 
     say(f"[4/{STEPS}] {tag}parity ({parity_kind(manifest['reductions'])}) vs the PyTorch reference (fp64 reductions) on "
         f"{len(data.items)} samples of {data.source}")
-    from quota_export.runtime.runners import GraphRunner
-
-    from quota_export.runtime.runners import parity_session_bytes
+    from quota_export.runtime.runners import GraphRunner, parity_session_bytes
 
     runner = GraphRunner(folder, "ort-cpu", threads=threads, session_bytes=parity_session_bytes(manifest))
     # Always against the exact reference (fp64 reductions, every result rounded once to fp32):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quota_export import weightcache
 from quota_export.models.base import Adapter
 from quota_export.ops.attention import Heads, attend
 from quota_export.ops.base import hp_dtype
@@ -52,7 +53,6 @@ from quota_export.ops.swiglu import swiglu
 from quota_export.quant.quantizers import QWeight
 from quota_export.quant.rtn import rtn
 from quota_export.recipe import FP, SCHEMES, SIGNALS, ResolvedQuant
-from quota_export import weightcache
 from quota_export.weightcache import LayerWeights, PackedCodes, PinnedCache
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

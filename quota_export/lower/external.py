@@ -103,8 +103,7 @@ def stream_exported(m, src: Path, graph: str) -> bool:
     under `src`: copy them to `<folder>/<graph>.onnx.data` in onnx.save_model's layout (the tensors
     of >= 1 KiB in initializer order; the others read into the graph) and point `m` there. -> True
     if done; False (nothing changed) outside `streaming` or for a graph within the threshold."""
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, _get_initializer_tensors, \
-        load_external_data_for_tensor
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, _get_initializer_tensors, load_external_data_for_tensor
 
     folder = _FOLDER.get()
     if folder is None or not is_large(m):
