@@ -127,8 +127,8 @@ def _verify_args(p):
 def cmd_verify(a) -> int:
     from quota_export.build import deployed_at, load_items, load_model
     from quota_export.recipe import load_recipe
-    from quota_export.runtime.ort import graph_sets
-    from quota_export.runtime.runners import GraphRunner
+    from quota_export.runtime.ort import graph_sets, read_manifest
+    from quota_export.runtime.runners import GraphRunner, parity_session_bytes
     from quota_export.verify import compare, misses_line, parity_kind, summary_line, thresholds_for
 
     if a.samples < 1:
@@ -142,7 +142,7 @@ def cmd_verify(a) -> int:
     reports, fails = {}, []
     base = None
     for (h, w), folder in sets:
-        runner = GraphRunner(folder, a.backend)
+        runner = GraphRunner(folder, a.backend, session_bytes=parity_session_bytes(read_manifest(folder)))
         recipe = load_recipe(folder / "recipe.yaml")
         if recipe.content_hash() != runner.manifest["recipe_hash"]:
             raise UserError(f"{folder / 'recipe.yaml'}: does not match the manifest's recipe hash (edited after the build?)")
@@ -155,7 +155,7 @@ def cmd_verify(a) -> int:
         reductions = runner.manifest.get("reductions", "fp64")
         # the exact reference (fp64 reductions) for every build, as `build` checks it (verify.py)
         _, dep = deployed_at(recipe, base, (h, w) if recipe.export.image_sizes else None, fp64=True)
-        rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, _progress(), ids=data.ids)
+        rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, _progress(), ids=data.ids, release=True)
         d = rep.as_dict()
         print(("  " if several else "") + summary_line(d, data.source))
         if d["failing_samples"]:

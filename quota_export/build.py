@@ -323,16 +323,19 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             raise UserError(f"target tensorrt: the graphs break TensorRT's operator rules: {bad[0]}{more}")
         say("      TensorRT operator rules: all graphs pass (lower/trt_check.py); fp32 reductions (TensorRT has no FP64)")
-    else:
-        from quota_export.lower import onnx_target
-
-        graphs = onnx_target.lower(dep, probe.visual_start, recipe.export.opset)
-
-    say(f"[3/{STEPS}] {tag}writing graphs")
     from quota_export.models import quiet_hf
 
     try:
-        files = {name: _write_graph(m, folder / name) for name, m in graphs.items()}
+        if target == "tensorrt":
+            say(f"[3/{STEPS}] {tag}writing graphs")
+            files = {name: _write_graph(m, folder / name) for name, m in graphs.items()}
+        else:  # each graph written as it is made, its weights streamed to disk (lower/external.py)
+            from quota_export.lower import onnx_target
+
+            written = onnx_target.lower_into(folder, dep, probe.visual_start, recipe.export.opset)
+            files = {name: f for name, (f, _) in written.items()}
+            graphs = {name: m for name, (_, m) in written.items()}
+            say(f"[3/{STEPS}] {tag}graphs written")
         with quiet_hf():
             adapter.processor.save_pretrained(folder / "processor")
         (folder / "recipe.yaml").write_text(recipe.to_yaml())
@@ -372,18 +375,20 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
         "files": hashed,
         "versions": versions(runtime=True),
     }
+    del graphs  # the sessions read the files: no graph is held twice during parity
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
     say(f"[4/{STEPS}] {tag}parity ({parity_kind(manifest['reductions'])}) vs the PyTorch reference (fp64 reductions) on "
         f"{len(data.items)} samples of {data.source}")
-    from quota_export.runtime.runners import GraphRunner
+    from quota_export.runtime.runners import GraphRunner, parity_session_bytes
 
-    runner = GraphRunner(folder, "ort-cpu", threads=threads)
+    runner = GraphRunner(folder, "ort-cpu", threads=threads, session_bytes=parity_session_bytes(manifest))
     # Always against the exact reference (fp64 reductions, every result rounded once to fp32):
     # graphs with fp32 reductions differ from it only by their own roundings, whereas a reference
     # in fp32 would add torch's (another summation order) - on the shipped default that halves
     # the median logits SQNR (verify.THRESHOLDS_FP32).
-    rep = compare(runner, dep.with_reductions(True), data.items, recipe.export.max_new_tokens, progress=progress, ids=data.ids)
+    rep = compare(runner, dep.with_reductions(True), data.items, recipe.export.max_new_tokens, progress=progress,
+                  ids=data.ids, release=True)  # the sessions go before the reference runs
     manifest["parity"] = {"data": data.source, "reference_reductions": "fp64", **rep.as_dict()}
     fails = rep.failures(thresholds_for(manifest["reductions"]))
     if fails:

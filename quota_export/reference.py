@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import torch
 
+from quota_export import weightcache
 from quota_export.models.base import Adapter
 from quota_export.ops.attention import Heads, attend
 from quota_export.ops.base import hp_dtype
@@ -54,6 +56,7 @@ from quota_export.quant.hadamard import RotatedDecoder
 from quota_export.quant.quantizers import QWeight
 from quota_export.quant.rtn import rtn
 from quota_export.recipe import FP, SCHEMES, SIGNALS, ResolvedQuant
+from quota_export.weightcache import LayerWeights, PackedCodes, PinnedCache
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -125,13 +128,21 @@ class DeployConfig:
         return self.quant.activations.rotation == "hadamard"
 
 
-def rtn_weights(adapter: Adapter, cfg: DeployConfig, rot: RotatedDecoder | None = None) -> dict[str, QWeight]:
-    """RTN codes of every module the recipe quantizes (of the rotated weights with rotation; `rot`:
-    the model's RotatedDecoder if already computed)."""
+def rtn_weights(adapter: Adapter, cfg: DeployConfig, rot: RotatedDecoder | None = None,
+                page_out: bool = False) -> MutableMapping[str, QWeight]:
+    """RTN codes of every module the recipe quantizes (4-bit codes stored two per byte,
+    weightcache.PackedCodes), of the rotated weights with rotation (`rot`: the model's
+    RotatedDecoder if already computed). `page_out`: hand each checkpoint weight's pages back to
+    the kernel once its codes exist (weightcache.page_out; the checkpoint is read once)."""
     mods = dict(adapter.model.named_modules())
     if cfg.rotation and rot is None:
         rot = RotatedDecoder(adapter)
-    return {n: rtn(float_weight(mods, n, rot), cfg.weights, cfg.a_bits) for n in cfg.weights.quantized(list(mods))}
+    codes = PackedCodes()
+    for n in cfg.weights.quantized(list(mods)):
+        codes[n] = rtn(float_weight(mods, n, rot), cfg.weights, cfg.a_bits)
+        if page_out:
+            weightcache.page_out(mods[n].weight.detach())
+    return codes
 
 
 def float_weight(mods: dict, name: str, rot: RotatedDecoder | None) -> torch.Tensor:
@@ -212,24 +223,26 @@ class Deployed:
         self.cfg = cfg
         self.spec = sp = adapter.decoder_spec()
         self.heads = Heads(sp.heads, sp.kv_heads, sp.head_dim)
-        # rotation: the rotated weights (norm weights folded into the linears that read them)
+        # rotation: the rotated weights (norm weights folded into the linears that read them; an fp32
+        # copy of the decoder, docs/large-models.md)
         self.rot = RotatedDecoder(adapter) if cfg.rotation else None
-        self.qweights = rtn_weights(adapter, cfg, self.rot) if qweights is None else qweights
-        mods = dict(adapter.model.named_modules())
-        self.W: list[dict[str, torch.Tensor]] = []
+        self.qweights = rtn_weights(adapter, cfg, self.rot, page_out=True) if qweights is None else qweights
+        self._mods = mods = dict(adapter.model.named_modules())
+        # fp32 weights made per layer on use (weightcache.py): the checkpoint is held once, in its dtype
+        self._cache = PinnedCache()
+        self.W: list[LayerWeights] = []
         self.B: list[dict[str, torch.Tensor | None]] = []
         self.quantized: list[dict[str, bool]] = []
         for i in range(sp.num_layers):
             names = {lin: f"{sp.module_prefix}.layers.{i}.{lin}" for lin in LINEARS}
-            self.W.append({lin: self.qweights[n].dequant() if n in self.qweights else self.float_weight(n)
-                           for lin, n in names.items()})
+            self.W.append(LayerWeights(names, self.qweights, self.float_weight, lambda n: mods[n].weight, self._cache))
             self.B.append({lin: self._bias(mods[n], n) for lin, n in names.items()})
             self.quantized.append({lin: n in self.qweights for lin, n in names.items()})
         layers = adapter.layers()
         self.ln1 = [layer.input_layernorm.weight.detach().float() for layer in layers]
         self.ln2 = [layer.post_attention_layernorm.weight.detach().float() for layer in layers]
         self.norm = adapter.final_norm().weight.detach().float()
-        self.lm_head = adapter.lm_head().weight.detach().float()
+        self._lm_head = None  # an assigned lm_head; else the checkpoint's, upcast on use
         if self.rot is not None:  # the norm weights live in the linears that read the norms
             self.ln1_signal = self.ln1  # the pruning signals' view (signal_qkv)
             self.ln1 = [torch.ones_like(w) for w in self.ln1]
@@ -248,11 +261,23 @@ class Deployed:
 
     def float_weight(self, name: str) -> torch.Tensor:
         """The unquantized fp32 weight of module `name` as deployed (rotated with rotation)."""
-        return float_weight(dict(self.adapter.model.named_modules()), name, self.rot)
+        return float_weight(self._mods, name, self.rot)
 
     def _bias(self, mod, name: str):
         b = None if self.rot is None else self.rot.bias(name)
         return b if b is not None else None if mod.bias is None else mod.bias.detach().float()
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        """fp32 [vocab, hidden]: the checkpoint's, upcast on use (kept while the cache has room)."""
+        if self._lm_head is not None:
+            return self._lm_head
+        w = self.adapter.lm_head().weight
+        return self._cache.get("lm_head", lambda: w.detach().float(), w)
+
+    @lm_head.setter
+    def lm_head(self, w: torch.Tensor) -> None:
+        self._lm_head = w
 
     def with_reductions(self, fp64: bool) -> Deployed:
         """The same deployed weights with the reductions in float64 (True) or float32."""

@@ -150,20 +150,22 @@ def _db(x: float):
     return round(x, 2) if math.isfinite(x) else "inf"
 
 
-def compare(runner, deployed, items, max_new_tokens: int, progress: bool = True, ids=None) -> ParityReport:
+def compare(runner, deployed, items, max_new_tokens: int, progress: bool = True, ids=None,
+            release: bool = False) -> ParityReport:
     """items: iterable of (image uint8 HxWx3, question). Runs the graphs (`runner`, a
     runtime.runners.GraphRunner of any backend) and the reference side by side through polygraphy's
     Comparator (runtime/runners.py); `ids` (one per item) name the samples that miss a threshold.
 
     The decoder comparison starts from the same embeddings on both sides (those of vision.onnx +
     embed.onnx): float noise of the unquantized vision tower must not decide a near-tie in a top-k.
-    The vision graph is compared on its own (SQNR of its features)."""
+    The vision graph is compared on its own (SQNR of its features). `release`: the graphs first,
+    then their sessions are released before the reference runs (runners.run_side_by_side)."""
     from quota_export.runtime.runners import run_side_by_side
 
     rep = ParityReport()
     items = list(items)
     ids = ids or [None] * len(items)
-    pairs = run_side_by_side(runner, deployed, items, max_new_tokens)
+    pairs = run_side_by_side(runner, deployed, items, max_new_tokens, release)
     for (ref, out), sid in tqdm(zip(pairs, ids), total=len(items), desc="parity", disable=not progress, unit="sample"):
         n = sum(k.startswith("kept.") for k in ref)
         rep.vision_sqnr.append(sqnr_db(ref["inputs_embeds"], out["inputs_embeds"]))

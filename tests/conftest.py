@@ -20,39 +20,21 @@ def make_tiny_llava(out: Path, seed: int = 0, layers: int = 4, hidden: int = 64,
     """A random LlavaForConditionalGeneration with the shapes tokenizer/processor (96x96, 144 tokens).
 
     4 attention heads; `kv_heads` < 4 gives grouped-query attention (default: 4, plain MHA)."""
-    from transformers import LlavaForConditionalGeneration
+    from calib_data.shapes.checkpoints import write_llava
+    from calib_data.shapes.model import build_config, build_tokenizer
 
-    from calib_data.shapes.model import build_config, build_processor, build_tokenizer
-
-    torch.manual_seed(seed)
     tok = build_tokenizer()
     cfg = build_config(tok, vision_hidden=32, vision_layers=1, hidden=hidden, layers=layers, heads=4)
     cfg.architectures = ["LlavaForConditionalGeneration"]
     if kv_heads is not None:
         cfg.text_config.num_key_value_heads = kv_heads
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # give text and image tokens comparable scale, as in the shipped model
-        model.get_input_embeddings().weight.normal_(0, 1.0)
-        model.model.multi_modal_projector.linear_2.weight.mul_(20.0)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    build_processor(tok).save_pretrained(out)
-    return out
+    return write_llava(out, cfg, seed, tok)
 
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     return make_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "model")
-
-
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>", "<unk>"]
-QWEN_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|> {{ m['role'] }} {% for c in m['content'] %}{% if c['type'] == 'image' %}"
-    "<|vision_start|> <|image_pad|> <|vision_end|> {% else %}{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> "
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant{% endif %}"
-)
 
 
 def make_tiny_qwen2_vl(out: Path, seed: int = 0, layers: int = 3, hidden: int = 64, kv_heads: int = 2,
@@ -65,64 +47,19 @@ def make_tiny_qwen2_vl(out: Path, seed: int = 0, layers: int = 3, hidden: int = 
 
     Real Qwen2-VL uses patch 14 (sizes multiple of 28); the adapter reads patch and merge from the
     config, so patch 8 only keeps the shapes images at their size (no resize, no padding)."""
-    import json
+    from calib_data.shapes.checkpoints import qwen2_vl_config, qwen_tokenizer, write_qwen2_vl
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from calib_data.shapes.scene import vocabulary
-
-    torch.manual_seed(seed)
-    vocab = {w: i for i, w in enumerate(QWEN_SPECIALS + vocabulary())}
-    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=t, eos_token="<|im_end|>", unk_token="<unk>", pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
-        model_max_length=512,
-    )
-    tok.chat_template = QWEN_CHAT_TEMPLATE
-    ip = Qwen2VLImageProcessorPil(do_resize=False, patch_size=patch, merge_size=2, temporal_patch_size=2,
-                                  min_pixels=image * image, max_pixels=image * image)
+    tok, vocab = qwen_tokenizer()
     if arch == "Qwen2VLForConditionalGeneration":
-        from transformers import Qwen2VLConfig as Config
-        from transformers import Qwen2VLForConditionalGeneration as Model
         vision = dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=4, mlp_ratio=4)
     else:
-        from transformers import Qwen2_5_VLConfig as Config
-        from transformers import Qwen2_5_VLForConditionalGeneration as Model
         vision = dict(depth=2, hidden_size=32, out_hidden_size=hidden, intermediate_size=64, num_heads=4,
                       window_size=4 * patch, fullatt_block_indexes=[1])
-    cfg = Config(
-        text_config=dict(
-            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            bos_token_id=None, eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"], tie_word_embeddings=False,
-        ),
-        vision_config=dict(patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, **vision),
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-    cfg.architectures = [arch]
-    model = Model(cfg).eval()
-    with torch.no_grad():  # comparable scale for text and image tokens, and peaked answers
-        model.get_input_embeddings().weight.normal_(0, 1.0)
-        model.lm_head.weight.normal_(0, 0.3)
-        for layer in model.model.language_model.layers:  # sharper attention: positions matter
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-        for m in (model.model.visual.merger.mlp[-1],) if hasattr(model.model.visual.merger, "mlp") else ():
-            m.weight.mul_(20.0)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    ip.save_pretrained(out)
-    proc = "Qwen2VLProcessor" if arch == "Qwen2VLForConditionalGeneration" else "Qwen2_5_VLProcessor"
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": proc}, indent=2) + "\n")
-    return out
+    text = dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    cfg = qwen2_vl_config(vocab, text, dict(patch_size=patch, **vision), arch)
+    return write_qwen2_vl(out, cfg, seed, tok, image)
 
 
 @pytest.fixture(scope="session")

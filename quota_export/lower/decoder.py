@@ -113,7 +113,8 @@ class DecoderLowering:
         key = f"{l}.{lin}"
         if key not in self._w_cache:
             qw = self.dep.qweights.get(f"{self.spec.module_prefix}.layers.{l}.{lin}")
-            self._w_cache[key] = weight_onnx(e, qw, self.dep.W[l][lin], f"model/layers.{l}/{SHORT[lin]}")
+            w_fp = None if qw is not None else self.dep.W[l][lin]  # a quantized linear needs only its codes
+            self._w_cache[key] = weight_onnx(e, qw, w_fp, f"model/layers.{l}/{SHORT[lin]}")
         return self._w_cache[key]
 
     def act_quant(self, e: Emit, x, dim: int, name: str):
@@ -133,7 +134,7 @@ class DecoderLowering:
         """A linear of layer l on x; `x_q` reuses an already quantized input (codes, scale)."""
         quant = self.dep.quantized[l][lin] and self.cfg.a_bits < 16
         if quant and x_q is None:
-            x_q = self.act_quant(e, x, self.dep.W[l][lin].shape[1], f"model/layers.{l}/{SHORT[lin]}/input_quant")
+            x_q = self.act_quant(e, x, self.dep.W[l].in_features(lin), f"model/layers.{l}/{SHORT[lin]}/input_quant")
         scope = f"model/layers.{l}/{SHORT[lin]}"
         if quant and self.integer:
             qw = self.dep.qweights[f"{self.spec.module_prefix}.layers.{l}.{lin}"]

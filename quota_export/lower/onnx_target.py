@@ -14,7 +14,7 @@ import onnx
 import torch
 from onnx import version_converter
 
-from quota_export import __version__
+from quota_export import __version__, weightcache
 from quota_export.lower import external
 from quota_export.lower.decoder import DecoderLowering, embed_graph
 from quota_export.reference import Deployed
@@ -47,29 +47,56 @@ def vision_graph(adapter, opset: int) -> onnx.ModelProto:
 
 def read_exported(path: Path, opset: int) -> onnx.ModelProto:
     """An exported graph converted to `opset`, its external data (if any) read into memory: the
-    conversion sees the graph without the tensors' bytes (it serializes its input, < 2 GiB)."""
+    conversion sees the graph without the tensors' bytes (it serializes its input, < 2 GiB).
+    Inside external.streaming, a large graph's bytes are copied to its data file instead."""
     from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model
 
     m = onnx.load(str(path), load_external_data=False)
     if opset > 20:
         m = version_converter.convert_version(m, opset)
-    external = [t for t in _get_all_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
+    ext = [t for t in _get_all_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if ext and external.stream_exported(m, path.parent, path.stem):
+        return m  # inside external.streaming: the bytes went from the exporter's files to <graph>.onnx.data
+    if ext:
         load_external_data_for_model(m, str(path.parent))
-        for t in external:
+        for t in ext:
             t.ClearField("data_location")  # as if it had never been external
     return m
 
 
-def lower(dep: Deployed, visual_start: int, opset: int) -> dict[str, onnx.ModelProto]:
+def makers(dep: Deployed, visual_start: int, opset: int) -> dict:
+    """graph file name -> a function making that graph (in the order they are written)."""
     adapter = dep.adapter
-    low = DecoderLowering(dep, adapter.n_visual(), visual_start)
-    graphs = {
-        "vision.onnx": vision_graph(adapter, opset),
-        "embed.onnx": embed_graph(adapter.embed_tokens().weight.detach().float().numpy(), opset),
-        "prefill.onnx": low.prefill(opset),
-        "decode.onnx": DecoderLowering(dep, adapter.n_visual(), visual_start).decode(opset),
+    n = adapter.n_visual()
+    return {
+        "vision.onnx": lambda: vision_graph(adapter, opset),
+        "embed.onnx": lambda: embed_graph(adapter.embed_tokens().weight.detach().float().numpy(), opset),
+        "prefill.onnx": lambda: DecoderLowering(dep, n, visual_start).prefill(opset),
+        "decode.onnx": lambda: DecoderLowering(dep, n, visual_start).decode(opset),
     }
+
+
+def lower(dep: Deployed, visual_start: int, opset: int) -> dict[str, onnx.ModelProto]:
+    graphs = {name: make() for name, make in makers(dep, visual_start, opset).items()}
     for m in graphs.values():
         external.check(m)  # a graph over the external-data threshold is checked by path once written
     return graphs
+
+
+def lower_into(folder: Path, dep: Deployed, visual_start: int, opset: int) -> dict[str, tuple[dict, onnx.ModelProto]]:
+    """The four graphs written into `folder` one at a time, each as soon as it is made, its
+    initializers streamed to its data file while it is built (external.streaming): the process
+    never holds more than one graph, and a large one without its weights. -> name -> (file
+    entry of external.write_graph, the graph without its initializers: its inputs and outputs).
+    The same files as writing `lower()`'s graphs."""
+    out = {}
+    with external.streaming(folder):
+        for name, make in makers(dep, visual_start, opset).items():
+            m = make()
+            external.check(m)
+            entry = external.write_graph(m, Path(folder) / name)
+            m.graph.ClearField("initializer")  # what the caller reads (inputs, outputs) stays
+            out[name] = (entry, m)
+            del m
+            weightcache.trim()
+    return out

@@ -36,6 +36,10 @@ class Graph:
         self._scope: list[str] = []
         self._names: set[str] = set()
         self._consts: dict[tuple, str] = {}
+        # inside lower/external.py `streaming`: initializers go to the graph's data file as they come
+        from quota_export.lower.external import Spill
+
+        self.spill = Spill.current(name)
 
     @contextlib.contextmanager
     def scope(self, s: str):
@@ -73,9 +77,14 @@ class Graph:
 
     def init(self, name: str, arr: np.ndarray) -> str:
         full = self._full(name)
-        t = numpy_helper.from_array(np.array(arr, order="C", copy=True), full)  # keeps 0-d scalars 0-d
+        t = numpy_helper.from_array(np.asarray(arr, order="C"), full)  # keeps 0-d scalars 0-d
+        return self._add(t)
+
+    def _add(self, t: onnx.TensorProto) -> str:
+        if self.spill is not None:
+            self.spill.add(t)
         self.inits.append(t)
-        return full
+        return t.name
 
     def init_int4(self, name: str, q: np.ndarray, signed: bool = True) -> str:
         """An INT4 (values in [-8, 7]) or UINT4 ([0, 15]) initializer, stored as raw bytes packed
@@ -86,8 +95,7 @@ class Graph:
             flat = np.concatenate([flat, np.zeros(1, flat.dtype)])
         packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
         dt = INT4 if signed else TensorProto.UINT4
-        self.inits.append(helper.make_tensor(full, dt, list(q.shape), packed, raw=True))
-        return full
+        return self._add(helper.make_tensor(full, dt, list(q.shape), packed, raw=True))
 
     def const(self, value, dtype=np.float32) -> str:
         """A shared scalar / small constant initializer (deduplicated by value)."""
@@ -107,4 +115,6 @@ class Graph:
             producer_version=__version__,
         )
         m.ir_version = 10
+        if self.spill is not None:
+            self.spill.finish(m)
         return m

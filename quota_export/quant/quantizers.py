@@ -62,11 +62,13 @@ class QWeight:
     group_size: int
 
     def dequant(self) -> torch.Tensor:
-        s = self.scale.repeat_interleave(self.group_size, dim=1)
-        q = self.q.float()
-        if self.zero_point is None:
-            return q * s
-        return (q - self.zero_point.float().repeat_interleave(self.group_size, dim=1)) * s
+        """fp32 [out, in]: codes times their group's scale (minus the zero point), per element."""
+        out, k = self.q.shape
+        q = self.q.float().view(out, k // self.group_size, self.group_size)
+        s = self.scale.float()[:, :, None]
+        if self.zero_point is not None:
+            q = q - self.zero_point.float()[:, :, None]
+        return (q * s).view(out, k)
 
 
 FP32_EXACT = 2**24  # integers up to this are exact in fp32

@@ -250,7 +250,11 @@ class OrtRunner:
     """Sessions over a build folder. `threads` 0 = $OMP_NUM_THREADS if set, else ORT's default;
     `providers`: ONNX Runtime execution providers (runtime/runners.py: the --backend choices)."""
 
-    def __init__(self, artifacts: str | Path, threads: int = 0, providers=("CPUExecutionProvider",)):
+    def __init__(self, artifacts: str | Path, threads: int = 0, providers=("CPUExecutionProvider",),
+                 session_bytes: int | None = None):
+        """`session_bytes`: hold sessions of at most this many graph bytes (graph + data files) at
+        once, each made when first run and the least recently run dropped to make room (a
+        real-size model's parity: one decoder graph at a time); None: all four made here."""
         import onnxruntime as ort
 
         self.dir = Path(artifacts)
@@ -282,22 +286,47 @@ class OrtRunner:
             so.add_session_config_entry(k, v)
         self.session_options = so
         self.sessions = {}
-        errors = ort_errors()
-        for g in GRAPHS:
-            p = self.dir / g
-            try:
-                src = str(p)
-                if self.manifest.get("target") == "tensorrt" and g == "prefill.onnx":
-                    # ONNX Runtime has no quota::TokenGather: run the same gather in standard ops
-                    import onnx
-
-                    from quota_export.lower.tensorrt_target import inline_token_gathers
-
-                    src = inline_token_gathers(onnx.load(str(p))).SerializeToString()
-                self.sessions[g] = self._session(g, src, so)
-            except errors as e:
-                raise UserError(f"{p}: corrupt or unreadable graph ({one_line(e)})") from None
+        self.session_bytes = session_bytes
+        if session_bytes is None:
+            for g in GRAPHS:
+                self._open(g)
         self._load_model_info()
+
+    def graph_bytes(self, g: str) -> int:
+        """Bytes of graph g's files (the graph and its external data), from the manifest."""
+        e = self.manifest["graphs"][g]
+        data = e.get("external_data")
+        return e["bytes"] + (self.manifest["files"][data]["bytes"] if data else 0)
+
+    def _open(self, g: str):
+        """Graph g's session, made now if it is not held (dropping the least recently run ones
+        beyond `session_bytes`)."""
+        if g in self.sessions:
+            self.sessions[g] = self.sessions.pop(g)  # most recently run last
+            return self.sessions[g]
+        if self.session_bytes is not None:
+            while self.sessions and sum(map(self.graph_bytes, self.sessions)) + self.graph_bytes(g) > self.session_bytes:
+                self._drop(next(iter(self.sessions)))
+        p = self.dir / g
+        try:
+            src = str(p)
+            if self.manifest.get("target") == "tensorrt" and g == "prefill.onnx":
+                # ONNX Runtime has no quota::TokenGather: run the same gather in standard ops
+                import onnx
+
+                from quota_export.lower.tensorrt_target import inline_token_gathers
+
+                src = inline_token_gathers(onnx.load(str(p))).SerializeToString()
+            self.sessions[g] = self._session(g, src, self.session_options)
+        except ort_errors() as e:
+            raise UserError(f"{p}: corrupt or unreadable graph ({one_line(e)})") from None
+        return self.sessions[g]
+
+    def _drop(self, g: str) -> None:
+        del self.sessions[g]
+        from quota_export.weightcache import trim
+
+        trim()
 
     def _load_model_info(self) -> None:
         """The processor and the manifest's model fields `generate` needs (not the sessions: a
@@ -313,7 +342,10 @@ class OrtRunner:
             raise UserError(f"{proc}: cannot load processor ({one_line(e)})") from None
         stages = len(self.manifest["schedule"])
         pre = self.sessions.get("prefill.onnx")  # None where engines run the graphs (GraphRunner, tensorrt)
-        kept = sorted(o.name for o in pre.get_outputs() if o.name.startswith("kept.")) if pre is not None else None
+        outs = [o.name for o in pre.get_outputs()] if pre is not None else None
+        if pre is None and getattr(self, "session_bytes", None) is not None:  # sessions made on use: the outputs the manifest records
+            outs = [o["name"] for o in self.manifest["graphs"]["prefill.onnx"].get("outputs", [])]
+        kept = sorted(o for o in outs if o.startswith("kept.")) if outs is not None else None
         if kept is not None and kept != sorted(f"kept.{i}" for i in range(stages)):
             raise UserError(f"{self.dir / 'manifest.json'}: corrupt manifest (schedule has {stages} stages, prefill.onnx "
                             f"outputs {len(kept)} kept-index tensors; edited after the build?)")
@@ -336,7 +368,7 @@ class OrtRunner:
 
     def _run(self, g: str, feeds: dict) -> dict:
         """Graph g on feeds -> {output name: array}; the one step `generate` calls for every graph."""
-        s = self.sessions[g]
+        s = self._open(g)
         try:
             return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
         except ort_errors() as e:

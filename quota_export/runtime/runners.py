@@ -105,14 +105,26 @@ class GraphRunner(OrtRunner):
     providers of the backend). tensorrt: `TrtRunner` over `<graph>.engine` beside each graph, built
     by `build --target tensorrt` (the graphs are still checked against the manifest first)."""
 
-    def __init__(self, artifacts: str | Path, backend: str = "ort-cpu", threads: int = 0):
+    def __init__(self, artifacts: str | Path, backend: str = "ort-cpu", threads: int = 0,
+                 session_bytes: int | None = None):
         require_backend(backend)
         quiet_polygraphy()
         self.backend = backend
-        super().__init__(artifacts, threads, providers=PROVIDERS.get(backend, PROVIDERS["ort-cpu"]))
-        self.runners = OrderedDict((g, self._runner(g)) for g in GRAPHS)
-        for r in self.runners.values():
-            r.activate()
+        self.runners = OrderedDict()
+        if backend == "tensorrt":
+            session_bytes = None  # engines, not sessions
+        super().__init__(artifacts, threads, providers=PROVIDERS.get(backend, PROVIDERS["ort-cpu"]),
+                         session_bytes=session_bytes)
+        if session_bytes is None:
+            self.runners = OrderedDict((g, self._runner(g)) for g in GRAPHS)
+            for r in self.runners.values():
+                r.activate()
+
+    def _drop(self, g: str) -> None:
+        r = self.runners.pop(g, None)
+        if r is not None and r.is_active:
+            r.deactivate()
+        super()._drop(g)
 
     def _session(self, g: str, src, so):
         if self.backend == "tensorrt":
@@ -140,6 +152,11 @@ class GraphRunner(OrtRunner):
 
         try:  # polygraphy prints a refusal before raising it: the CLI's one line says it instead
             with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):
+                if self.session_bytes is not None:  # sessions made on use (session_bytes)
+                    self._open(g)
+                if g not in self.runners:
+                    self.runners[g] = self._runner(g)
+                    self.runners[g].activate()
                 return dict(self.runners[g].infer(feeds))
         except (PolygraphyException, *ort_errors()) as e:
             raise self.refused(g, e) from None
@@ -149,6 +166,11 @@ class GraphRunner(OrtRunner):
         for r in getattr(self, "runners", {}).values():
             if r.is_active:
                 r.deactivate()
+
+    def release(self) -> None:
+        """Close and drop every session (their memory goes back; this runner is spent)."""
+        self.close()
+        self.runners, self.sessions = OrderedDict(), {}
 
     def __del__(self):
         self.close()
@@ -246,12 +268,43 @@ class SampleLoader:
         return sample_feed(image, question, self.graphs.embeds(ids, pix))
 
 
-def run_side_by_side(graphs: GraphRunner, deployed, items, max_new_tokens: int):
+LARGE_GRAPHS = 4 << 30  # graph sets above this run their parity one decoder graph at a time
+
+
+def parity_session_bytes(manifest: dict) -> int | None:
+    """The `session_bytes` of a parity check (build, verify): None (every session held) for a
+    graph set up to LARGE_GRAPHS bytes; above, room for the embedding graph and the largest
+    other one, so a real-size model never holds its prefill and decode sessions together."""
+    sizes = {}
+    for g, e in manifest["graphs"].items():
+        data = e.get("external_data")
+        sizes[g] = e["bytes"] + (manifest["files"][data]["bytes"] if data else 0)
+    if sum(sizes.values()) <= LARGE_GRAPHS:
+        return None
+    return sizes.get("embed.onnx", 0) + max(v for g, v in sizes.items() if g != "embed.onnx")
+
+
+def run_side_by_side(graphs: GraphRunner, deployed, items, max_new_tokens: int, release: bool = False):
     """Yields (reference outputs, graph outputs) per item: `Comparator.run` in streaming mode (one
-    sample at a time, both runners active), the reference first."""
+    sample at a time, both runners active), the reference first. `release` (build, verify): the
+    graphs run every item first and their sessions are released (`graphs` is spent) before the
+    reference runs, so the two never hold memory at once; the same outputs."""
     from polygraphy.comparator import Comparator
 
     quiet_polygraphy()
+    if release:
+        loader, pipe, ref = SampleLoader(graphs, items), PipelineRunner(graphs, max_new_tokens), \
+            ReferenceRunner(deployed, max_new_tokens)
+        with pipe:
+            done = [(feed, pipe.infer(feed)) for feed in (loader[i] for i in range(len(loader)))]
+        graphs.release()
+        from quota_export.weightcache import trim
+
+        trim()
+        with ref:
+            for feed, out in done:
+                yield ref.infer(feed), out
+        return
     runners = [ReferenceRunner(deployed, max_new_tokens), PipelineRunner(graphs, max_new_tokens)]
     for results in Comparator.run(runners, data_loader=SampleLoader(graphs, items), streaming=True):
         (_, ref), (_, out) = results.items()

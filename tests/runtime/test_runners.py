@@ -116,6 +116,57 @@ def test_compare_goes_through_the_comparator(built, items):
     assert rep.failures() == []  # the tiny build holds exact parity
 
 
+def test_compare_releasing_the_graphs_first_gives_the_same_report(built, items):
+    """release=True (build, verify): every sample through the graphs, their sessions dropped, then
+    the reference: the same report as side by side, and the runner holds no session after."""
+    from quota_export.build import deployed_at, load_model
+    from quota_export.recipe import load_recipe
+    from quota_export.verify import compare
+
+    r, res = built
+    recipe = load_recipe(r)
+    _, dep = deployed_at(recipe, load_model(recipe), fp64=True)
+    want = compare(runners.GraphRunner(res.out, threads=1), dep, items, 4, progress=False, ids=["a", "b", "c"])
+    graphs = runners.GraphRunner(res.out, threads=1)
+    got = compare(graphs, dep, items, 4, progress=False, ids=["a", "b", "c"], release=True)
+    assert got.as_dict() == want.as_dict() and got.records == want.records
+    assert graphs.sessions == {} and not graphs.runners
+
+
+def test_sessions_made_on_use_within_a_byte_budget(built, items):
+    """session_bytes: sessions made when first run, the least recently run dropped to stay within
+    the budget; the answers are those of a runner holding all four."""
+    _, res = built
+    full = runners.GraphRunner(res.out, threads=1)
+    sizes = {g: full.graph_bytes(g) for g in runners.GRAPHS}
+    budget = sizes["embed.onnx"] + max(v for g, v in sizes.items() if g != "embed.onnx")
+    lazy = runners.GraphRunner(res.out, threads=1, session_bytes=budget)
+    assert lazy.sessions == {}
+    held = []
+    real = lazy._open
+
+    def spy(g):
+        s = real(g)
+        held.append(sum(map(lazy.graph_bytes, lazy.sessions)))
+        return s
+
+    lazy._open = spy
+    for image, q in items:
+        a, b = full.generate(image, q, 4), lazy.generate(image, q, 4)
+        assert a.tokens == b.tokens and np.array_equal(a.prefill_logits, b.prefill_logits)
+        assert all(np.array_equal(x, y) for x, y in zip(a.kept, b.kept))
+    assert held and max(held) <= budget and len(lazy.sessions) < 4
+
+
+def test_parity_session_bytes():
+    def man(**sizes):
+        return {"graphs": {g: {"bytes": b} for g, b in sizes.items()}, "files": {}}
+
+    assert runners.parity_session_bytes(man(**{"vision.onnx": 10, "embed.onnx": 5, "prefill.onnx": 20})) is None
+    big = man(**{"vision.onnx": 1 << 30, "embed.onnx": 1 << 29, "prefill.onnx": 3 << 30, "decode.onnx": 3 << 30})
+    assert runners.parity_session_bytes(big) == (1 << 29) + (3 << 30)
+
+
 def test_cli_backend_ort_cpu_runs(built, items, capsys):
     _, res = built
     from quota_export.data import load_bench
