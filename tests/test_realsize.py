@@ -289,6 +289,11 @@ def test_external_data_builds_run_and_verify(external_build, capsys, tmp_path):
     assert main(["verify", "--artifacts", str(res.out), "--bench", str(TEST_SPLIT), "--samples", "2",
                  "--json", str(tmp_path / "v.json")]) == 0  # fmt: skip
     assert json.loads((tmp_path / "v.json").read_text())["answer_agreement"] == 1.0
+    from quota_export.__main__ import graph_sizes  # what `build` prints: the data files' bytes too
+
+    data = res.manifest["files"]["prefill.onnx.data"]["bytes"]
+    assert f"prefill.onnx {res.manifest['graphs']['prefill.onnx']['bytes'] / 1e6:.2f} MB + {data / 1e6:.2f} MB data" \
+        in graph_sizes(res.manifest)
 
 
 def test_external_data_files_are_hashed_and_checked(external_build, capsys, tmp_path):
