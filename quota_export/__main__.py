@@ -55,8 +55,6 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-@command("build", "recipe + model -> verified ONNX graphs")
-@args(_build_args)
 def graph_sizes(man: dict) -> str:
     """'vision.onnx 1.20 MB, prefill.onnx 0.37 MB + 869.45 MB data, ...' (a graph over the
     external-data threshold keeps its tensors in <graph>.onnx.data)."""
@@ -68,6 +66,8 @@ def graph_sizes(man: dict) -> str:
     return ", ".join(f"{n} {size(v)}" for n, v in man["graphs"].items())
 
 
+@command("build", "recipe + model -> verified ONNX graphs")
+@args(_build_args)
 def cmd_build(a) -> int:
     from quota_export.build import ParityError, build, next_steps
     from quota_export.recipe import load_recipe

@@ -165,8 +165,9 @@ def compare(runner, deployed, items, max_new_tokens: int, progress: bool = True,
     rep = ParityReport()
     items = list(items)
     ids = ids or [None] * len(items)
-    pairs = run_side_by_side(runner, deployed, items, max_new_tokens, release)
-    for (ref, out), sid in tqdm(zip(pairs, ids), total=len(items), desc="parity", disable=not progress, unit="sample"):
+    pairs = run_side_by_side(runner, deployed, items, max_new_tokens, release, progress=progress)
+    bar = dict(total=len(items), desc="parity", disable=not progress or release, unit="sample")
+    for (ref, out), sid in tqdm(zip(pairs, ids), **bar):
         n = sum(k.startswith("kept.") for k in ref)
         rep.vision_sqnr.append(sqnr_db(ref["inputs_embeds"], out["inputs_embeds"]))
         rep.add([ref[f"kept.{i}"] for i in range(n)], [out[f"kept.{i}"] for i in range(n)], ref["tokens"].tolist(),

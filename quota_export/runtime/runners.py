@@ -284,25 +284,30 @@ def parity_session_bytes(manifest: dict) -> int | None:
     return sizes.get("embed.onnx", 0) + max(v for g, v in sizes.items() if g != "embed.onnx")
 
 
-def run_side_by_side(graphs: GraphRunner, deployed, items, max_new_tokens: int, release: bool = False):
+def run_side_by_side(graphs: GraphRunner, deployed, items, max_new_tokens: int, release: bool = False,
+                     progress: bool = False):
     """Yields (reference outputs, graph outputs) per item: `Comparator.run` in streaming mode (one
     sample at a time, both runners active), the reference first. `release` (build, verify): the
     graphs run every item first and their sessions are released (`graphs` is spent) before the
-    reference runs, so the two never hold memory at once; the same outputs."""
+    reference runs, so the two never hold memory at once; the same outputs. `progress`: with
+    `release`, a bar for each of the two passes (on a real-size model each takes minutes)."""
     from polygraphy.comparator import Comparator
+    from tqdm import tqdm
 
     quiet_polygraphy()
     if release:
         loader, pipe, ref = SampleLoader(graphs, items), PipelineRunner(graphs, max_new_tokens), \
             ReferenceRunner(deployed, max_new_tokens)
+        bar = dict(disable=not progress, unit="sample", total=len(loader))
         with pipe:
-            done = [(feed, pipe.infer(feed)) for feed in (loader[i] for i in range(len(loader)))]
+            done = [(feed, pipe.infer(feed)) for feed in tqdm((loader[i] for i in range(len(loader))),
+                                                               desc="parity: graphs", **bar)]
         graphs.release()
         from quota_export.weightcache import trim
 
         trim()
         with ref:
-            for feed, out in done:
+            for feed, out in tqdm(done, desc="parity: reference", **bar):
                 yield ref.infer(feed), out
         return
     runners = [ReferenceRunner(deployed, max_new_tokens), PipelineRunner(graphs, max_new_tokens)]
