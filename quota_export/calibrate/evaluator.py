@@ -131,8 +131,9 @@ class View:
     CHUNK = 16  # candidates per batch sharing one prefix memo (bounds memory)
 
     def __init__(self, ev: Evaluator, dep, batches: list[_Batch], name: str, last_only: bool = False,
-                 keep_qkv: bool = True):
+                 keep_qkv: bool = True, sigmas: dict | None = None):
         self.ev, self.dep, self.batches, self.name = ev, dep, batches, name
+        self.sigmas = sigmas  # (prefix, layer) -> (sigma, constant) measured by another view (on more samples)
         self.last_only = last_only  # the last layer on the last position only (a proxy's shortcut)
         self.keep_qkv = keep_qkv  # keep a stage layer's QKV between scoring and pruning (memory: ~10 x h)
         self.samples = sorted(i for b in batches for i in b.idx)
@@ -162,8 +163,11 @@ class View:
             qkvs.append(a if self.keep_qkv else None)
         # statistics over the tokens in sample order (the order the reduction sees them in)
         rows = {i: (j, r) for j, b in enumerate(self.batches) for r, i in enumerate(b.idx)}
-        per_sample = [tuple(x[r] for x in sigs[j]) for j, r in (rows[i] for i in self.samples)]
-        sigma, const = _stats(per_sample)
+        if self.sigmas is not None and key in self.sigmas:
+            sigma, const = self.sigmas[key]
+        else:
+            per_sample = [tuple(x[r] for x in sigs[j]) for j, r in (rows[i] for i in self.samples)]
+            sigma, const = _stats(per_sample)
         self.sigma_cache[key] = (sigma, const)
         memo[key] = e = _Entry(states, sigs, coss, qkvs, sigma, const)
         return e
@@ -277,6 +281,17 @@ def _reference_pass(i: int):
     return states, torch.log_softmax(dep.head(h).double().flatten(), dim=-1)
 
 
+_ONE_STAGE: tuple | None = None  # (evaluator, candidate) of the single-stage measurement being run
+
+
+@torch.no_grad()
+def _one_stage_kl(i: int) -> float:
+    """Sample i's KL under a single-stage candidate, its stage's sigmas those of all samples."""
+    ev, cand = _ONE_STAGE
+    view = View(ev, ev.dep, [ev._batch([i])], "one", keep_qkv=False, sigmas=ev.exact.sigma_cache)
+    return view.per_sample(cand)[0]
+
+
 def _init_worker():
     import signal
 
@@ -341,7 +356,7 @@ class Evaluator:
         self.exact = View(self, dep, [self._batch([i]) for i in range(len(self.samples))], "exact", keep_qkv=False)
         self.screen = self.exact
 
-    def focus(self, cand: Candidate, m: int) -> list[int]:
+    def focus(self, cand: Candidate, m: int, progress: bool = False) -> list[int]:
         """Make the screen the m samples with the largest KL under `cand` (measured exactly; ties:
         the lower index), measured together in batches of equal prompt shape, the last layer on
         the answer position only. The objective is a mean over samples whose KL is concentrated
@@ -350,11 +365,34 @@ class Evaluator:
         Returns the chosen indices (ascending)."""
         if self._pool is not None:
             raise RuntimeError("focus: the worker processes are already running")
-        kls = self.exact.per_sample(cand)
+        kls = self.per_sample(cand, progress)
         self.exact.cache.setdefault(cand, sum(kls) / len(kls) if kls else 0.0)
         top = sorted(sorted(range(len(kls)), key=lambda i: (-kls[i], i))[:m])
         self.screen = View(self, self.dep, self._batches(top), "screen", last_only=True)
         return top
+
+    def per_sample(self, cand: Candidate, progress: bool = False) -> list[float]:
+        """The exact KL of each sample under `cand`. A single-stage candidate's samples are
+        independent once its stage's sigmas (over all samples' tokens at its layer, the unpruned
+        states) are known: with workers they are measured one sample a work unit, in parallel, each
+        exactly as the exact view measures it (the same values, in sample order)."""
+        from tqdm import tqdm
+
+        if len(cand) != 1 or self.workers < 2 or len(self.samples) < 2:
+            return self.exact.per_sample(cand)
+        self.exact.constant((), cand[0].layer)  # the stage's sigmas, before the workers fork
+        global _ONE_STAGE
+        _ONE_STAGE = (self, cand)
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_init_worker)
+        try:
+            return list(tqdm(pool.imap(_one_stage_kl, range(len(self.samples))), total=len(self.samples),
+                             desc="calibrate: screen choice", unit="sample", disable=not progress))
+        finally:
+            _ONE_STAGE = None
+            pool.terminate()
+            pool.join()
 
     def pool(self):
         """The worker processes (forked on first use: they share the model and the states' files)."""
