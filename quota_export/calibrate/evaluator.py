@@ -10,10 +10,12 @@ computed once.
 
 Two views measure a candidate (`View`):
 
-- `exact`: the objective itself: every sample, one at a time, the deployed reductions. It equals
-  `Deployed.prefill` with the same stages bit for bit (tests/calibrate/test_calibrate.py);
-- `screen`: a proxy for ranking many candidates: a task-balanced subset of the samples, batched
-  by prompt shape ([B, T, D] per op, calibrate/batched.py), reductions in fp32.
+- `exact`: the objective itself: every sample, the deployed reductions, samples of one prompt
+  shape batched ([B, T, D] per op, calibrate/batched.py: row b is sample b's result bit for bit,
+  so a batch shares each layer's weights without changing a value). It equals `Deployed.prefill`
+  with the same stages bit for bit (tests/calibrate/test_calibrate.py);
+- `screen`: a proxy for ranking many candidates: the samples the naive schedule disturbs most
+  (`Evaluator.focus`), batched the same way, the last layer on the answer position only.
 """
 
 from __future__ import annotations
@@ -237,10 +239,16 @@ class View:
 
     @torch.no_grad()
     def measure(self, chunk: list[Candidate]) -> list[float]:
-        """Mean KL of each candidate of `chunk` (their common stage prefixes computed once)."""
+        """Mean KL of each candidate of `chunk` (their common stage prefixes computed once; a
+        prefix's states are dropped once no later candidate of the chunk needs them, so memory
+        holds the prefixes in use rather than all of the chunk's)."""
         memo: dict = {}
         out = []
-        for c in chunk:
+        need = [{(c[:j], c[j].layer) for j in range(len(c))} for c in chunk]
+        for i, c in enumerate(chunk):
+            live = set().union(*need[i:])
+            for key in [k for k in memo if k not in live]:
+                del memo[key]
             tot = 0.0
             for x in self.per_sample(c, memo):
                 tot += x
@@ -353,7 +361,7 @@ class Evaluator:
             for f in files.values():
                 f.close()
         self.n_visual = self.samples[0].n if self.samples else 0
-        self.exact = View(self, dep, [self._batch([i]) for i in range(len(self.samples))], "exact", keep_qkv=False)
+        self.exact = View(self, dep, self._batches(range(len(self.samples))), "exact", keep_qkv=False)
         self.screen = self.exact
 
     def focus(self, cand: Candidate, m: int, progress: bool = False) -> list[int]:
