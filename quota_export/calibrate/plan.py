@@ -9,7 +9,7 @@ token-layers (the layer's linears plus its attention over the tokens present). O
     Plan      the search's space: phase A's layer grid, starts, decay ratios and stage count; the
               weight grid and sweeps of phase B; the ratios of phase C; the finalists
     choose()  the full space (today's search, `Plan.full`) whenever its work fits in
-              max(SEARCH_PASSES reference passes, FLOOR); otherwise the largest of the smaller
+              max(SCREEN_PASSES + EXACT_PASSES reference passes, FLOOR); otherwise the largest of the smaller
               spaces (LADDER) whose phase A fits in A_SHARE of the screened allowance, with
               phases B and C stopped when the rest of it is spent and as many finalists as
               EXACT_PASSES passes of the objective hold
@@ -38,11 +38,12 @@ from quota_export.calibrate.space import (
 )
 from quota_export.prune.schedule import kept_per_layer
 
-# The search's work allowance: max(SEARCH_PASSES passes, FLOOR multiply-adds). FLOOR is ~3x what
-# the full search needs on the shipped model with 128 samples (a few minutes on one core here), so
-# small models always search the whole space; SEARCH_PASSES is what a deep model gets.
+# The search's work allowance: max(SCREEN_PASSES + EXACT_PASSES passes, FLOOR multiply-adds). FLOOR
+# is ~3x what the full search needs on the shipped model with 128 samples (a few minutes on one
+# core here), so small models always search the whole space; the passes are what a deep model gets
+# (a cut plan screens in fp32 reductions, ~20 % cheaper a layer than the estimate assumes).
 FLOOR = 1.0e13
-SCREEN_PASSES = 1.5  # screened candidates (phases A-C) of a cut search
+SCREEN_PASSES = 1.25  # screened candidates (phases A-C) of a cut search
 EXACT_PASSES = 0.75  # its finalists, measured on the objective
 A_SHARE = 0.6  # of the screened allowance, at most this for phase A (the rest: B and C)
 # Smaller phase-A spaces, largest first: (evenly spaced layers, early layers, starts, decay ratios,

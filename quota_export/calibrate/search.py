@@ -10,9 +10,10 @@
        on the objective itself (`exact`), and the lowest wins
 
 How much of this space is searched is the `Plan`'s (plan.py): all of it unless its work exceeds
-the allowance counted in reference passes; a cut plan has a smaller phase A, refines the starts
-in the order of their phase-A best (B: one sweep of a few vectors, C: two ratios) until its
-screened allowance is spent, and measures its `finalists` best screened candidates exactly.
+the allowance counted in reference passes; a cut plan screens in fp32 reductions, has a smaller
+phase A, refines the starts in the order of their phase-A best (B: one sweep of a few vectors, C:
+two ratios) until its screened allowance is spent, and measures its `finalists` best screened
+candidates exactly.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
         raise UserError(f"budget {budget}: no schedule of {N} visual tokens over {L} layers meets it")
     starts = plan.starts
     m = screen_size(len(ev.samples))
-    ev.focus(naive, m, progress)  # the screen: the samples the naive schedule disturbs most
+    ev.focus(naive, m, progress, plan.full)  # the screen: the samples the naive schedule disturbs most
     scr = ev.screen
     bar = tqdm(desc="calibrate: A shapes", disable=not progress, unit="cand", total=len(shapes) * len(starts) + 1)
     if progress and not plan.full:
