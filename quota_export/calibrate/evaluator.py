@@ -34,7 +34,10 @@ from quota_export.ops.signals import signals_from
 from quota_export.recipe import SIGNALS
 
 SIG_DIGITS = 6
-MAX_BATCH_TOKENS = 8192  # screening batches hold at most this many prompt tokens (bounds memory)
+MAX_BATCH_TOKENS = 8192  # batches hold at most this many prompt tokens (bounds memory)
+# ... and at most this many attention scores (heads x T x T a sample): the fp64 scores of a batch
+# are ~4 such tensors at once (scores, mask, softmax); 2^26 -> 5 samples of the TinyLLaVA geometry
+MAX_BATCH_SCORES = 1 << 26
 
 
 def sig_digits(x: float, digits: int = SIG_DIGITS) -> float:
@@ -436,14 +439,17 @@ class Evaluator:
 
     def _batches(self, idx: list[int]) -> list[_Batch]:
         """Samples of equal prompt shape (length, visual span, positions) together, at most
-        MAX_BATCH_TOKENS tokens a batch; in order of each shape's first sample."""
+        MAX_BATCH_TOKENS tokens and MAX_BATCH_SCORES attention scores a batch; in order of each
+        shape's first sample. (A batch's rows are its samples' own results bit for bit, so the
+        batching bounds memory without changing a value.)"""
         groups: dict[tuple, list[int]] = {}
         for i in idx:
             s = self.samples[i]
             groups.setdefault((s.T, s.start, s.n, s.pos.numpy().tobytes()), []).append(i)
         out = []
         for g in groups.values():
-            per = max(1, MAX_BATCH_TOKENS // self.samples[g[0]].T)
+            T = self.samples[g[0]].T
+            per = max(1, min(MAX_BATCH_TOKENS // T, MAX_BATCH_SCORES // (self.dep.heads.heads * T * T)))
             out += [self._batch(g[j : j + per]) for j in range(0, len(g), per)]
         return out
 
