@@ -97,3 +97,19 @@ def test_cut_search_within_allowance_and_same_with_one_or_two_processes(tiny_lla
             assert res.divergence <= res.naive_divergence
             results.append((res.stages, res.sigmas, res.divergence, res.evals))
     assert results[0] == results[1]
+
+
+def test_batch_bounds_change_no_value(tiny_llava, monkeypatch):
+    """Batches are bounded by tokens and attention scores; a row is its sample's result bit for bit,
+    so one sample a batch gives the same divergences and sigmas."""
+    from quota_export.calibrate import evaluator
+
+    dep, prompts = _setup(tiny_llava)
+    cands = [(CandStage(0, 40, Scorer((0.0, 1.0, 0.0, 1.0))), CandStage(2, 12, Scorer((0.0, 1.0, 0.0, 0.0))))]
+    with Evaluator(dep, prompts, layers=[0, 2]) as ev:
+        assert any(len(b.idx) > 1 for b in ev.exact.batches)
+        want, sig = ev.exact.divergence(cands), ev.exact.stage_sigmas(cands[0])
+    monkeypatch.setattr(evaluator, "MAX_BATCH_SCORES", 1)
+    with Evaluator(dep, prompts, layers=[0, 2]) as ev:
+        assert all(len(b.idx) == 1 for b in ev.exact.batches)
+        assert ev.exact.divergence(cands) == want and ev.exact.stage_sigmas(cands[0]) == sig
