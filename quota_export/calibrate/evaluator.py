@@ -310,6 +310,22 @@ def _init_worker():
     torch.set_num_threads(1)
 
 
+def _warm_tail():
+    """A candidate worker makes the last layers' fp32 weights first: the weight cache keeps what
+    comes first while it fits (weightcache.PinnedCache), and every candidate runs the last layers
+    while only some start early, so on a model whose weights do not all fit, the cache holds the
+    tail rather than the head. Only what is cached changes, never a value."""
+    _init_worker()
+    dep = _WORKER_EV.dep
+    cache = dep._cache
+    for l in reversed(range(dep.spec.num_layers)):
+        for lin in dep.W[l]:
+            used = cache.used
+            w = dep.W[l][lin]
+            if cache.used == used and used + w.numel() * w.element_size() > cache.budget:
+                return
+
+
 def _measure(job):
     name, chunk = job
     return getattr(_WORKER_EV, name).measure(chunk)
@@ -415,7 +431,7 @@ class Evaluator:
             import multiprocessing
 
             _WORKER_EV = self
-            self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_init_worker)
+            self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_warm_tail)
         return self._pool
 
     def close(self):

@@ -113,3 +113,19 @@ def test_batch_bounds_change_no_value(tiny_llava, monkeypatch):
     with Evaluator(dep, prompts, layers=[0, 2]) as ev:
         assert all(len(b.idx) == 1 for b in ev.exact.batches)
         assert ev.exact.divergence(cands) == want and ev.exact.stage_sigmas(cands[0]) == sig
+
+
+def test_candidate_workers_cache_the_last_layers(tiny_llava, monkeypatch):
+    from quota_export.calibrate import evaluator
+    from quota_export.weightcache import PinnedCache
+
+    dep, prompts = _setup(tiny_llava)
+    L = dep.spec.num_layers
+    layer_bytes = sum(dep.W[L - 1][lin].numel() * 4 for lin in dep.W[L - 1])
+    dep._cache = PinnedCache(2 * layer_bytes)  # room for two layers
+    for W in dep.W:
+        W.cache = dep._cache
+    monkeypatch.setattr(evaluator, "_WORKER_EV", SimpleNamespace(dep=dep))
+    evaluator._warm_tail()
+    kept = {int(k[1].split(".layers.")[1].split(".")[0]) for k in dep._cache.kept}
+    assert kept == {L - 2, L - 1}
