@@ -109,7 +109,6 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
     bar = tqdm(desc="calibrate: A shapes", disable=not progress, unit="cand", total=len(shapes) * len(starts) + 1)
     if progress and not plan.full:
         bar.write(f"calibrate: {plan.describe()}")
-    scr.divergence([naive], bar)
     spent = [0.0]  # screened work of B and C (cut plans stop them at the allowance)
 
     def affordable(cands) -> list:
@@ -131,7 +130,8 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
     cands = [build(ls, ks, [grid[0] if w.select == "maxmin" and l > 0 else w for l in ls]) for w in starts
              for ls, _, ks in shapes]
     a_work = sum(cost.candidate(ls, ks, m) for ls, _, ks in shapes) * len(starts)
-    divs = scr.divergence(cands, bar)
+    # the naive schedule first (measured with phase A in the workers rather than alone before it)
+    divs = scr.divergence([naive] + cands, bar)[1:]
     phase_a = [cands[i] for i in sorted(range(len(cands)), key=lambda i: (divs[i], i))[:FINALISTS]]
     bar.set_description("calibrate: B-C refine")
 
