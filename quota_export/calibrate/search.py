@@ -13,7 +13,7 @@ How much of this space is searched is the `Plan`'s (plan.py): all of it unless i
 the allowance counted in reference passes; a cut plan screens in fp32 reductions, has a smaller
 phase A, refines the starts in the order of their phase-A best (B: one sweep of a few vectors, C:
 two ratios) until its screened allowance is spent, and measures its `finalists` best screened
-candidates exactly.
+candidates exactly; the naive schedule (already measured exactly) is a finalist too.
 """
 
 from __future__ import annotations
@@ -180,8 +180,8 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
     best_screened = [screened[i] for i in order if screened[i]][:FINALISTS]
     if plan.full:
         finalists = list(dict.fromkeys([e[0] for e in ends] + phase_a + best_screened))
-    else:
-        finalists = best_screened[: plan.finalists]
+    else:  # and the naive schedule, measured exactly for the screen choice: the end is never worse
+        finalists = list(dict.fromkeys(best_screened[: plan.finalists] + [naive]))
     bar.set_description("calibrate: D exact")
     bar.total += len(finalists) + 1
     best, best_d = _best(finalists, exact.divergence(finalists, bar))
