@@ -186,6 +186,8 @@ def search(ev: Evaluator, budget: float, progress: bool = False, signals=SIGNALS
     bar.total += len(finalists) + 1
     best, best_d = _best(finalists, exact.divergence(finalists, bar))
     naive_d = exact.cache[naive]
+    bar.total = bar.n  # cached candidates were counted in the total but measured no more
+    bar.refresh()
     bar.close()
     evals = exact.evals + (scr.evals if scr is not exact else 0)
     return SearchResult(best, exact.stage_sigmas(best), best_d, naive_d, evals, L)
