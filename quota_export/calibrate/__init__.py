@@ -7,6 +7,7 @@ model under the deployed quantizers (RTN weights), prefill only, under mean_l ke
     space.py      typed candidates (CandStage, Scorer), the weight grid, the starts, the shapes
     evaluator.py  the calibration samples and the fast, prefix-sharing evaluator of D
     search.py     the deterministic search (shapes x starts, weights, keeps)
+    plan.py       how much of the space the search affords (its work counted in reference passes)
     here          calibrate(): model + data -> Recipe (+ GPTQ on the chosen schedule's streams)
 """
 
@@ -18,6 +19,8 @@ import torch
 
 from quota_export import UserError, versions
 from quota_export.calibrate.evaluator import Evaluator, kl, select_samples, sig_digits
+from quota_export.calibrate.plan import Plan
+from quota_export.calibrate.plan import choose as choose_plan
 from quota_export.calibrate.search import SearchResult, naive_stages, search
 from quota_export.calibrate.space import (
     MAXMIN,
@@ -36,8 +39,8 @@ from quota_export.recipe import SIGNALS
 
 WORKERS = 2  # processes measuring candidates (the recipe does not depend on it)
 
-__all__ = ["MAXMIN", "SIGNALS", "STARTS", "W_GRID", "CandStage", "Candidate", "Evaluator", "Scorer", "SearchResult",
-           "calibrate", "default_name", "geometric_keeps", "kl", "layer_grid", "naive_stages", "search",
+__all__ = ["MAXMIN", "SIGNALS", "STARTS", "W_GRID", "CandStage", "Candidate", "Evaluator", "Plan", "Scorer",
+           "SearchResult", "calibrate", "choose_plan", "default_name", "geometric_keeps", "kl", "layer_grid", "naive_stages", "search",
            "select_samples", "shape_candidates", "start_vectors", "total_kept", "weight_grid"]
 
 
@@ -125,8 +128,9 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
     dep = Deployed(adapter, cfg)
     chosen = select_samples(data, samples, seed)
     prompts = [adapter.prompt(load_image(s), s.question) for s in chosen]
-    with Evaluator(dep, prompts, progress, layers=layer_grid(spec.num_layers, N, float(budget)), workers=WORKERS) as ev:
-        res = search(ev, float(budget), progress, signals)
+    plan = choose_plan(spec, N, [p.input_ids.shape[1] for p in prompts], float(budget), signals)
+    with Evaluator(dep, prompts, progress, layers=plan.grid, workers=WORKERS) as ev:
+        res = search(ev, float(budget), progress, signals, plan)
     stages = [
         Stage(layer=st.layer, keep=st.keep, fraction=sig_digits(st.keep / N), select=st.scorer.select,
               weights=ScoreWeights(**dict(zip(SIGNALS, st.scorer.weights))), sigma=ScoreSigma(**dict(zip(SIGNALS, s))))
@@ -149,7 +153,8 @@ def _calibrate(model, data, budget, scheme, samples, seed, name, progress, group
                    f"{res.evals} candidates evaluated"
                    + (f"; ablation: score weights restricted to {', '.join(x for x in SIGNALS if x in signals)}"
                       if restricted else "")
-                   + ("; ablation: no merging of dropped tokens" if merge == "none" else "")),
+                   + ("; ablation: no merging of dropped tokens" if merge == "none" else "")
+                   + ("" if plan.full else f"; {plan.describe()}")),
         ),
     )
     recipe.check_against(spec.num_layers, N, adapter.module_names())

@@ -10,10 +10,12 @@ computed once.
 
 Two views measure a candidate (`View`):
 
-- `exact`: the objective itself: every sample, one at a time, the deployed reductions. It equals
-  `Deployed.prefill` with the same stages bit for bit (tests/calibrate/test_calibrate.py);
-- `screen`: a proxy for ranking many candidates: a task-balanced subset of the samples, batched
-  by prompt shape ([B, T, D] per op, calibrate/batched.py), reductions in fp32.
+- `exact`: the objective itself: every sample, the deployed reductions, samples of one prompt
+  shape batched ([B, T, D] per op, calibrate/batched.py: row b is sample b's result bit for bit,
+  so a batch shares each layer's weights without changing a value). It equals `Deployed.prefill`
+  with the same stages bit for bit (tests/calibrate/test_calibrate.py);
+- `screen`: a proxy for ranking many candidates: the samples the naive schedule disturbs most
+  (`Evaluator.focus`), batched the same way, the last layer on the answer position only.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from quota_export.ops.signals import signals_from
 from quota_export.recipe import SIGNALS
 
 SIG_DIGITS = 6
-MAX_BATCH_TOKENS = 8192  # screening batches hold at most this many prompt tokens (bounds memory)
+MAX_BATCH_TOKENS = 8192  # batches hold at most this many prompt tokens (bounds memory)
+# ... and at most this many attention scores (heads x T x T a sample): the fp64 scores of a batch
+# are ~4 such tensors at once (scores, mask, softmax); 2^26 -> 5 samples of the TinyLLaVA geometry
+MAX_BATCH_SCORES = 1 << 26
 
 
 def sig_digits(x: float, digits: int = SIG_DIGITS) -> float:
@@ -131,8 +136,9 @@ class View:
     CHUNK = 16  # candidates per batch sharing one prefix memo (bounds memory)
 
     def __init__(self, ev: Evaluator, dep, batches: list[_Batch], name: str, last_only: bool = False,
-                 keep_qkv: bool = True):
+                 keep_qkv: bool = True, sigmas: dict | None = None):
         self.ev, self.dep, self.batches, self.name = ev, dep, batches, name
+        self.sigmas = sigmas  # (prefix, layer) -> (sigma, constant) measured by another view (on more samples)
         self.last_only = last_only  # the last layer on the last position only (a proxy's shortcut)
         self.keep_qkv = keep_qkv  # keep a stage layer's QKV between scoring and pruning (memory: ~10 x h)
         self.samples = sorted(i for b in batches for i in b.idx)
@@ -162,8 +168,11 @@ class View:
             qkvs.append(a if self.keep_qkv else None)
         # statistics over the tokens in sample order (the order the reduction sees them in)
         rows = {i: (j, r) for j, b in enumerate(self.batches) for r, i in enumerate(b.idx)}
-        per_sample = [tuple(x[r] for x in sigs[j]) for j, r in (rows[i] for i in self.samples)]
-        sigma, const = _stats(per_sample)
+        if self.sigmas is not None and key in self.sigmas:
+            sigma, const = self.sigmas[key]
+        else:
+            per_sample = [tuple(x[r] for x in sigs[j]) for j, r in (rows[i] for i in self.samples)]
+            sigma, const = _stats(per_sample)
         self.sigma_cache[key] = (sigma, const)
         memo[key] = e = _Entry(states, sigs, coss, qkvs, sigma, const)
         return e
@@ -233,10 +242,16 @@ class View:
 
     @torch.no_grad()
     def measure(self, chunk: list[Candidate]) -> list[float]:
-        """Mean KL of each candidate of `chunk` (their common stage prefixes computed once)."""
+        """Mean KL of each candidate of `chunk` (their common stage prefixes computed once; a
+        prefix's states are dropped once no later candidate of the chunk needs them, so memory
+        holds the prefixes in use rather than all of the chunk's)."""
         memo: dict = {}
         out = []
-        for c in chunk:
+        need = [{(c[:j], c[j].layer) for j in range(len(c))} for c in chunk]
+        for i, c in enumerate(chunk):
+            live = set().union(*need[i:])
+            for key in [k for k in memo if k not in live]:
+                del memo[key]
             tot = 0.0
             for x in self.per_sample(c, memo):
                 tot += x
@@ -277,11 +292,38 @@ def _reference_pass(i: int):
     return states, torch.log_softmax(dep.head(h).double().flatten(), dim=-1)
 
 
+_ONE_STAGE: tuple | None = None  # (evaluator, candidate) of the single-stage measurement being run
+
+
+@torch.no_grad()
+def _one_stage_kl(i: int) -> float:
+    """Sample i's KL under a single-stage candidate, its stage's sigmas those of all samples."""
+    ev, cand = _ONE_STAGE
+    view = View(ev, ev.dep, [ev._batch([i])], "one", keep_qkv=False, sigmas=ev.exact.sigma_cache)
+    return view.per_sample(cand)[0]
+
+
 def _init_worker():
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a worker ends quietly when the pool does
     torch.set_num_threads(1)
+
+
+def _warm_tail():
+    """A candidate worker makes the last layers' fp32 weights first: the weight cache keeps what
+    comes first while it fits (weightcache.PinnedCache), and every candidate runs the last layers
+    while only some start early, so on a model whose weights do not all fit, the cache holds the
+    tail rather than the head. Only what is cached changes, never a value."""
+    _init_worker()
+    dep = _WORKER_EV.dep
+    cache = dep._cache
+    for l in reversed(range(dep.spec.num_layers)):
+        for lin in dep.W[l]:
+            used = cache.used
+            w = dep.W[l][lin]
+            if cache.used == used and used + w.numel() * w.element_size() > cache.budget:
+                return
 
 
 def _measure(job):
@@ -338,23 +380,49 @@ class Evaluator:
             for f in files.values():
                 f.close()
         self.n_visual = self.samples[0].n if self.samples else 0
-        self.exact = View(self, dep, [self._batch([i]) for i in range(len(self.samples))], "exact", keep_qkv=False)
+        self.exact = View(self, dep, self._batches(range(len(self.samples))), "exact", keep_qkv=False)
         self.screen = self.exact
 
-    def focus(self, cand: Candidate, m: int) -> list[int]:
+    def focus(self, cand: Candidate, m: int, progress: bool = False, fp64: bool = True) -> list[int]:
         """Make the screen the m samples with the largest KL under `cand` (measured exactly; ties:
         the lower index), measured together in batches of equal prompt shape, the last layer on
         the answer position only. The objective is a mean over samples whose KL is concentrated
         in a few of them (on the shipped model the 10 largest of 128 carry 83 % of the naive
         schedule's), so these samples rank candidates nearly as all of them do (docs/calibration.md).
+        `fp64=False`: the screen's reductions in fp32 (a cheaper proxy: ~20 % less per layer on
+        the TinyLLaVA geometry, attention being a third of a layer in fp64).
         Returns the chosen indices (ascending)."""
         if self._pool is not None:
             raise RuntimeError("focus: the worker processes are already running")
-        kls = self.exact.per_sample(cand)
+        kls = self.per_sample(cand, progress)
         self.exact.cache.setdefault(cand, sum(kls) / len(kls) if kls else 0.0)
         top = sorted(sorted(range(len(kls)), key=lambda i: (-kls[i], i))[:m])
-        self.screen = View(self, self.dep, self._batches(top), "screen", last_only=True)
+        dep = self.dep.with_reductions(fp64 and self.dep.cfg.fp64)
+        self.screen = View(self, dep, self._batches(top), "screen", last_only=True)
         return top
+
+    def per_sample(self, cand: Candidate, progress: bool = False) -> list[float]:
+        """The exact KL of each sample under `cand`. A single-stage candidate's samples are
+        independent once its stage's sigmas (over all samples' tokens at its layer, the unpruned
+        states) are known: with workers they are measured one sample a work unit, in parallel, each
+        exactly as the exact view measures it (the same values, in sample order)."""
+        from tqdm import tqdm
+
+        if len(cand) != 1 or self.workers < 2 or len(self.samples) < 2:
+            return self.exact.per_sample(cand)
+        self.exact.constant((), cand[0].layer)  # the stage's sigmas, before the workers fork
+        global _ONE_STAGE
+        _ONE_STAGE = (self, cand)
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_init_worker)
+        try:
+            return list(tqdm(pool.imap(_one_stage_kl, range(len(self.samples))), total=len(self.samples),
+                             desc="calibrate: screen choice", unit="sample", disable=not progress))
+        finally:
+            _ONE_STAGE = None
+            pool.terminate()
+            pool.join()
 
     def pool(self):
         """The worker processes (forked on first use: they share the model and the states' files)."""
@@ -363,7 +431,7 @@ class Evaluator:
             import multiprocessing
 
             _WORKER_EV = self
-            self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_init_worker)
+            self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_warm_tail)
         return self._pool
 
     def close(self):
@@ -387,14 +455,17 @@ class Evaluator:
 
     def _batches(self, idx: list[int]) -> list[_Batch]:
         """Samples of equal prompt shape (length, visual span, positions) together, at most
-        MAX_BATCH_TOKENS tokens a batch; in order of each shape's first sample."""
+        MAX_BATCH_TOKENS tokens and MAX_BATCH_SCORES attention scores a batch; in order of each
+        shape's first sample. (A batch's rows are its samples' own results bit for bit, so the
+        batching bounds memory without changing a value.)"""
         groups: dict[tuple, list[int]] = {}
         for i in idx:
             s = self.samples[i]
             groups.setdefault((s.T, s.start, s.n, s.pos.numpy().tobytes()), []).append(i)
         out = []
         for g in groups.values():
-            per = max(1, MAX_BATCH_TOKENS // self.samples[g[0]].T)
+            T = self.samples[g[0]].T
+            per = max(1, min(MAX_BATCH_TOKENS // T, MAX_BATCH_SCORES // (self.dep.heads.heads * T * T)))
             out += [self._batch(g[j : j + per]) for j in range(0, len(g), per)]
         return out
 

@@ -115,26 +115,28 @@ def weight_grid(signals=SIGNALS) -> tuple[Scorer, ...]:
     return tuple(out)
 
 
-def layer_grid(num_layers: int, n_visual: int, budget: float) -> list[int]:
-    """Candidate stage layers: every layer on models of <= MAX_LAYER_GRID layers; on deeper ones
-    MAX_LAYER_GRID evenly spaced layers plus 4 evenly spaced over the early layers at which a
-    first stage can still meet the budget (l < budget * L). Infeasible shapes are dropped later."""
-    if num_layers <= MAX_LAYER_GRID:
+def layer_grid(num_layers: int, n_visual: int, budget: float, size: int = MAX_LAYER_GRID, early: int = 4) -> list[int]:
+    """Candidate stage layers: every layer on models of <= `size` layers; on deeper ones `size`
+    evenly spaced layers plus `early` evenly spaced over the early layers at which a first stage
+    can still meet the budget (l < budget * L). Infeasible shapes are dropped later."""
+    if num_layers <= size:
         return list(range(num_layers))
-    step = num_layers / MAX_LAYER_GRID
-    grid = {int(round(i * step)) for i in range(MAX_LAYER_GRID)}
-    early = max(0, math.ceil(budget * num_layers) - 1)
-    grid |= {int(round(i * early / 3)) for i in range(4)}
+    step = num_layers / size
+    grid = {int(round(i * step)) for i in range(size)}
+    last = max(0, math.ceil(budget * num_layers) - 1)
+    grid |= {int(round(i * last / max(1, early - 1))) for i in range(early)}
     return sorted(grid)
 
 
-def shape_candidates(num_layers: int, n_visual: int, budget: float):
-    """Phase A shapes, in a fixed order: (layers, ratio, keeps)."""
-    grid = layer_grid(num_layers, n_visual, budget)
+def shape_candidates(num_layers: int, n_visual: int, budget: float, grid=None, ratios=R_SHAPES,
+                     max_stages: int = MAX_STAGES):
+    """Phase A shapes, in a fixed order: (layers, ratio, keeps). `grid`: the stage layers
+    (default `layer_grid`)."""
+    grid = layer_grid(num_layers, n_visual, budget) if grid is None else grid
     out = []
-    for s in range(1, MAX_STAGES + 1):
+    for s in range(1, max_stages + 1):
         for layers in combinations(grid, s):
-            for r in (1.0,) if s == 1 else R_SHAPES:
+            for r in (1.0,) if s == 1 else ratios:
                 keeps = geometric_keeps(layers, r, n_visual, num_layers, budget)
                 if keeps is None or keeps[0] >= n_visual:
                     continue
