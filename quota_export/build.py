@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quota_export import UserError, publish, versions
+from quota_export import UserError, memtrace, publish, versions
 
 PARITY_SAMPLES = 8
 STEPS = 5
@@ -255,11 +255,13 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
     try:
         say(f"[1/{STEPS}] loading {recipe.model_path()}")
         base = load_model(recipe)
+        memtrace.mark("load")
         sizes = image_sizes(recipe, base)
         sets, qweights, example = [], None, None
         for size in sizes:
             adapter, dep = deployed_at(recipe, base, size if recipe.export.image_sizes else None, qweights)
             qweights = dep.qweights  # quantized once, shared by every size
+            memtrace.mark("quantize")
             folder = tmp if len(sizes) == 1 else tmp / size_dir(size)
             folder.mkdir(exist_ok=True)
             man, ex = _build_set(recipe, adapter, dep, folder, out, target, bench, samples, progress, threads, say,

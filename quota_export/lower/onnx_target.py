@@ -14,7 +14,7 @@ import onnx
 import torch
 from onnx import version_converter
 
-from quota_export import __version__, weightcache
+from quota_export import __version__, memtrace, weightcache
 from quota_export.lower import external
 from quota_export.lower.decoder import DecoderLowering, embed_graph
 from quota_export.reference import Deployed
@@ -53,7 +53,7 @@ def read_exported(path: Path, opset: int) -> onnx.ModelProto:
 
     m = onnx.load(str(path), load_external_data=False)
     if opset > 20:
-        m = version_converter.convert_version(m, opset)
+        m = convert_light(m, opset)
     ext = [t for t in _get_all_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL]
     if ext and external.stream_exported(m, path.parent, path.stem):
         return m  # inside external.streaming: the bytes went from the exporter's files to <graph>.onnx.data
@@ -62,6 +62,44 @@ def read_exported(path: Path, opset: int) -> onnx.ModelProto:
         for t in ext:
             t.ClearField("data_location")  # as if it had never been external
     return m
+
+
+_HELD = "quota_export:held"  # the external-data location of a tensor held aside during convert_light
+
+
+def convert_light(m: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """version_converter.convert_version(m, opset) without the tensors' bytes: the converter
+    serializes and parses its input and output (a 1.2 GB vision tower would be held five times
+    over), so it converts a copy of `m` whose initializers refer to their bytes instead, and the
+    converted graph takes `m`'s initializers back. The same graph as converting `m` itself."""
+    skel = onnx.ModelProto()
+    _copy_fields(m, skel, skip="graph")
+    _copy_fields(m.graph, skel.graph, skip="initializer")
+    for t in m.graph.initializer:
+        light = skel.graph.initializer.add()
+        _copy_fields(t, light, skip="raw_data")
+        if t.HasField("raw_data"):
+            external._point(light, _HELD, 0, len(t.raw_data))
+    out = version_converter.convert_version(skel, opset)
+    del skel
+    held = {t.name: t for t in m.graph.initializer if t.HasField("raw_data")}
+    for t in out.graph.initializer:
+        if t.data_location == t.EXTERNAL and any(e.key == "location" and e.value == _HELD for e in t.external_data):
+            t.CopyFrom(held[t.name])
+    return out
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Every set field of protobuf message `src` but `skip` into `dst` (of the same type)."""
+    for f, v in src.ListFields():
+        if f.name == skip:
+            continue
+        if f.is_repeated:
+            getattr(dst, f.name).extend(v)
+        elif f.message_type is not None:
+            getattr(dst, f.name).CopyFrom(v)
+        else:
+            setattr(dst, f.name, v)
 
 
 def makers(dep: Deployed, visual_start: int, opset: int) -> dict:
@@ -96,7 +134,8 @@ def lower_into(folder: Path, dep: Deployed, visual_start: int, opset: int) -> di
             external.check(m)
             entry = external.write_graph(m, Path(folder) / name)
             m.graph.ClearField("initializer")  # what the caller reads (inputs, outputs) stays
-            out[name] = (entry, m)
-            del m
+            out[name] = (entry, onnx.ModelProto.FromString(m.SerializeToString()))
+            del m  # a copy is kept: a cleared field's bytes stay in the message's arena (upb) until it goes
             weightcache.trim()
+            memtrace.mark(f"lower {name}")
     return out
