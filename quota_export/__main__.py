@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from quota_export import UserError
+from quota_export import UserError, memtrace
 
 if __name__ == "__main__":
     # `python -m quota_export` runs this file as `__main__`; the cli_* modules import
@@ -160,12 +160,23 @@ def cmd_verify(a) -> int:
         data = load_items(a.bench, a.samples, runner.image_size, resize=several, any_size=runner.resizes_images)
         where = str(folder)
         _say(f"comparing {where} ({a.backend}) with the PyTorch reference (fp64 reductions) of {recipe.model_path()} on {len(data.items)} samples")
-        if base is None:
-            base = load_model(recipe)
+        if not recipe.model_path().exists():  # the model is loaded once the graphs have run
+            raise UserError(f"model: checkpoint folder not found: {recipe.model_path()}")
         reductions = runner.manifest.get("reductions", "fp64")
-        # the exact reference (fp64 reductions) for every build, as `build` checks it (verify.py)
-        _, dep = deployed_at(recipe, base, (h, w) if recipe.export.image_sizes else None, fp64=True)
-        rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, _progress(), ids=data.ids, release=True)
+
+        def reference(recipe=recipe, size=(h, w)):
+            nonlocal base
+            if base is None:
+                base = load_model(recipe)
+                memtrace.mark("load")
+            # the exact reference (fp64 reductions) for every build, as `build` checks it (verify.py)
+            _, dep = deployed_at(recipe, base, size if recipe.export.image_sizes else None, fp64=True)
+            memtrace.mark("quantize")
+            return dep
+
+        # the graphs first, their sessions released, then the reference (not both in memory)
+        rep = compare(runner, reference, data.items, recipe.export.max_new_tokens, _progress(), ids=data.ids,
+                      release=True)
         d = rep.as_dict()
         print(("  " if several else "") + summary_line(d, data.source))
         if d["failing_samples"]:
