@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -102,15 +103,18 @@ def _copy_fields(src, dst, skip: str) -> None:
             setattr(dst, f.name, v)
 
 
-def makers(dep: Deployed, visual_start: int, opset: int) -> dict:
-    """graph file name -> a function making that graph (in the order they are written)."""
-    adapter = dep.adapter
+def makers(dep: Deployed | Callable[[], Deployed], visual_start: int, opset: int, adapter=None) -> dict:
+    """graph file name -> a function making that graph (in the order they are written). `dep` may
+    be a function making the Deployed of `adapter` (quantizing it): called by the decoder graphs
+    only, after the vision tower's export."""
+    made = dep if callable(dep) else (lambda: dep)
+    adapter = adapter if adapter is not None else dep.adapter
     n = adapter.n_visual()
     return {
         "vision.onnx": lambda: vision_graph(adapter, opset),
         "embed.onnx": lambda: embed_graph(adapter.embed_tokens().weight.detach().float().numpy(), opset),
-        "prefill.onnx": lambda: DecoderLowering(dep, n, visual_start).prefill(opset),
-        "decode.onnx": lambda: DecoderLowering(dep, n, visual_start).decode(opset),
+        "prefill.onnx": lambda: DecoderLowering(made(), n, visual_start).prefill(opset),
+        "decode.onnx": lambda: DecoderLowering(made(), n, visual_start).decode(opset),
     }
 
 
@@ -121,15 +125,17 @@ def lower(dep: Deployed, visual_start: int, opset: int) -> dict[str, onnx.ModelP
     return graphs
 
 
-def lower_into(folder: Path, dep: Deployed, visual_start: int, opset: int) -> dict[str, tuple[dict, onnx.ModelProto]]:
+def lower_into(folder: Path, dep: Deployed | Callable[[], Deployed], visual_start: int, opset: int,
+               adapter=None) -> dict[str, tuple[dict, onnx.ModelProto]]:
     """The four graphs written into `folder` one at a time, each as soon as it is made, its
     initializers streamed to its data file while it is built (external.streaming): the process
     never holds more than one graph, and a large one without its weights. -> name -> (file
     entry of external.write_graph, the graph without its initializers: its inputs and outputs).
-    The same files as writing `lower()`'s graphs."""
+    The same files as writing `lower()`'s graphs. `dep` may be a function making the Deployed
+    of `adapter` (`build`: the vision tower is exported before the decoder is quantized)."""
     out = {}
     with external.streaming(folder):
-        for name, make in makers(dep, visual_start, opset).items():
+        for name, make in makers(dep, visual_start, opset, adapter).items():
             m = make()
             external.check(m)
             entry = external.write_graph(m, Path(folder) / name)

@@ -189,3 +189,28 @@ def test_light_version_conversion_gives_the_same_graph(tiny, tmp_path):
     got = onnx_target.convert_light(onnx.load(str(path)), 21)
     assert got.SerializeToString(deterministic=True) == want
     assert sum(t.HasField("raw_data") for t in got.graph.initializer) > 10
+
+
+def test_build_exports_the_vision_tower_before_quantizing(tiny_llava, tmp_path, monkeypatch):
+    """build: the vision tower's export (the torch exporter's copies of it) runs before the decoder
+    is quantized, so the exporter and the quantized weights are never in memory together."""
+    from test_build import write_recipe
+
+    from quota_export import build as build_mod
+
+    order = []
+    real_dep, real_vision = build_mod.deployed_at, onnx_target.vision_graph
+
+    def dep(*a, **k):
+        order.append("quantize")
+        return real_dep(*a, **k)
+
+    def vision(*a, **k):
+        order.append("vision")
+        return real_vision(*a, **k)
+
+    monkeypatch.setattr(build_mod, "deployed_at", dep)
+    monkeypatch.setattr(onnx_target, "vision_graph", vision)
+    r = write_recipe(tmp_path / "r.yaml", "order", tiny_llava, {"scheme": "w4a4kv4"}, [{"layer": 1, "keep": 72}], 0.7)
+    res = build_mod.build(load_recipe(r), tmp_path / "g", str(TEST_SPLIT), 1, threads=1)
+    assert order == ["vision", "quantize"] and res.manifest["parity"]["answer_agreement"] == 1.0
