@@ -273,8 +273,8 @@ class SampleLoader:
 
 
 def parity_session_bytes(manifest: dict) -> int:
-    """The `session_bytes` of a parity check (build, verify): room for the embedding graph and the
-    largest other one. Sessions are made when first run, and the parity runs the samples one
+    """The `session_bytes` of a parity check (build, verify) and of `run`: room for the embedding
+    graph and the largest other one. Sessions are made when first run, and the parity runs the samples one
     graph at a time (graphmajor.generate_all), so the prefill and decode sessions (each ~1.8x its
     file bytes in ONNX Runtime) are never held together."""
     sizes = {}

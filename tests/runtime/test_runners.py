@@ -177,13 +177,24 @@ def test_parity_session_bytes():
     assert runners.parity_session_bytes(big) == (1 << 29) + (3 << 30)
 
 
-def test_cli_backend_ort_cpu_runs(built, items, capsys):
+def test_cli_backend_ort_cpu_runs(built, items, capsys, monkeypatch):
+    """`run` answers as OrtRunner.generate does, holding the embedding session and one other."""
     _, res = built
     from quota_export.data import load_bench
 
+    held = []
+    real = runners.GraphRunner._session
+
+    def spy(self, g, src, so):
+        held.append(set(self.sessions) | {g})
+        return real(self, g, src, so)
+
+    monkeypatch.setattr(runners.GraphRunner, "_session", spy)
     s = load_bench(TEST_SPLIT, limit=1)[0]
     assert main(["run", "--artifacts", str(res.out), "--image", s.image, "--prompt", s.question,
                  "--backend", "ort-cpu"]) == 0
+    assert len(held) == 4 and all(len(h - {"embed.onnx"}) <= 1 for h in held)
+    monkeypatch.undo()
     want = OrtRunner(res.out, threads=1).generate(*items[0]).text
     assert capsys.readouterr().out == want + "\n"
     out = res.out.parent / "v.json"
