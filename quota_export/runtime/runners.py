@@ -279,8 +279,8 @@ def parity_session_bytes(manifest: dict) -> int:
     file bytes in ONNX Runtime) are never held together."""
     sizes = {}
     for g, e in manifest["graphs"].items():
-        data = e.get("external_data")
-        sizes[g] = e["bytes"] + (manifest["files"][data]["bytes"] if data else 0)
+        data = e.get("external_data")  # a data file the manifest lost is the runner's error to name
+        sizes[g] = e["bytes"] + (manifest["files"].get(data, {}).get("bytes", 0) if data else 0)
     return sizes.get("embed.onnx", 0) + max(v for g, v in sizes.items() if g != "embed.onnx")
 
 
