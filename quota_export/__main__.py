@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from quota_export import UserError
+from quota_export import UserError, memtrace
 
 if __name__ == "__main__":
     # `python -m quota_export` runs this file as `__main__`; the cli_* modules import
@@ -160,12 +160,23 @@ def cmd_verify(a) -> int:
         data = load_items(a.bench, a.samples, runner.image_size, resize=several, any_size=runner.resizes_images)
         where = str(folder)
         _say(f"comparing {where} ({a.backend}) with the PyTorch reference (fp64 reductions) of {recipe.model_path()} on {len(data.items)} samples")
-        if base is None:
-            base = load_model(recipe)
+        if not recipe.model_path().exists():  # the model is loaded once the graphs have run
+            raise UserError(f"model: checkpoint folder not found: {recipe.model_path()}")
         reductions = runner.manifest.get("reductions", "fp64")
-        # the exact reference (fp64 reductions) for every build, as `build` checks it (verify.py)
-        _, dep = deployed_at(recipe, base, (h, w) if recipe.export.image_sizes else None, fp64=True)
-        rep = compare(runner, dep, data.items, recipe.export.max_new_tokens, _progress(), ids=data.ids, release=True)
+
+        def reference(recipe=recipe, size=(h, w)):
+            nonlocal base
+            if base is None:
+                base = load_model(recipe)
+                memtrace.mark("load")
+            # the exact reference (fp64 reductions) for every build, as `build` checks it (verify.py)
+            _, dep = deployed_at(recipe, base, size if recipe.export.image_sizes else None, fp64=True)
+            memtrace.mark("quantize")
+            return dep
+
+        # the graphs first, their sessions released, then the reference (not both in memory)
+        rep = compare(runner, reference, data.items, recipe.export.max_new_tokens, _progress(), ids=data.ids,
+                      release=True)
         d = rep.as_dict()
         print(("  " if several else "") + summary_line(d, data.source))
         if d["failing_samples"]:
@@ -211,8 +222,12 @@ def _run_args(p):
 def cmd_run(a) -> int:
     from quota_export.data import load_image
     from quota_export.limits import check_max_new_tokens, check_text
-    from quota_export.runtime.ort import graph_sets, set_for_image
-    from quota_export.runtime.runners import GraphRunner
+    from quota_export.runtime.graphmajor import generate_all
+    from quota_export.runtime.ort import graph_sets, read_manifest, set_for_image
+    from quota_export.runtime.runners import GraphRunner, parity_session_bytes
+
+    def runner_of(folder):  # sessions made on use, one graph at a time (graphmajor.py): one answer
+        return GraphRunner(folder, a.backend, session_bytes=parity_session_bytes(read_manifest(folder)))
 
     if a.max_new_tokens is not None:
         check_max_new_tokens(a.max_new_tokens, "--max-new-tokens")
@@ -220,16 +235,16 @@ def cmd_run(a) -> int:
     several = len(graph_sets(a.artifacts)) > 1
     if _backend_refused(a.backend):
         return 3
-    runner = None if several else GraphRunner(a.artifacts, a.backend)
+    runner = None if several else runner_of(a.artifacts)
     if not a.image.is_file():
         raise UserError(f"{a.image}: image not found")
     img = load_image(a.image)
     if several:  # one graph set per declared image size: the image's size picks it
-        runner = GraphRunner(set_for_image(a.artifacts, img.shape[:2]), a.backend)
+        runner = runner_of(set_for_image(a.artifacts, img.shape[:2]))
     h, w = runner.image_size
     if img.shape[:2] != (h, w) and not runner.resizes_images:
         raise UserError(f"{a.image}: image is {img.shape[1]}x{img.shape[0]}, these graphs take {w}x{h} (resize it first)")
-    res = runner.generate(img, a.prompt, a.max_new_tokens)
+    res = generate_all(runner, [(img, a.prompt)], a.max_new_tokens)[0]
     print(res.text)
     if not res.text:
         _say("note: the answer is empty (the model ended it at once)")

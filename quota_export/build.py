@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quota_export import UserError, publish, versions
+from quota_export import UserError, memtrace, publish, versions
 
 PARITY_SAMPLES = 8
 STEPS = 5
@@ -255,15 +255,17 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
     try:
         say(f"[1/{STEPS}] loading {recipe.model_path()}")
         base = load_model(recipe)
+        memtrace.mark("load")
         sizes = image_sizes(recipe, base)
         sets, qweights, example = [], None, None
         for size in sizes:
-            adapter, dep = deployed_at(recipe, base, size if recipe.export.image_sizes else None, qweights)
-            qweights = dep.qweights  # quantized once, shared by every size
+            adapter = base.with_image_size(*size) if recipe.export.image_sizes else base
+            dep = _deployed_once(recipe, adapter, qweights)
             folder = tmp if len(sizes) == 1 else tmp / size_dir(size)
             folder.mkdir(exist_ok=True)
             man, ex = _build_set(recipe, adapter, dep, folder, out, target, bench, samples, progress, threads, say,
                                  tag="" if len(sizes) == 1 else f"{size[1]}x{size[0]}: ")
+            qweights = dep().qweights  # quantized once, shared by every size
             sets.append((size, man))
             example = example or ex
         if len(sizes) == 1:
@@ -294,16 +296,33 @@ def build(recipe, out: Path | None = None, bench: str | None = None, samples: in
             publish.remove_empty(created)
 
 
+def _deployed_once(recipe, adapter, qweights):
+    """A function making the Deployed of `adapter` (quantizing it, unless `qweights` are given) on its
+    first call and returning the same one after: the ONNX target exports the vision tower before it
+    is called, so the exporter and the quantized weights are not in memory together."""
+    made = []
+
+    def dep():
+        if not made:
+            made.append(deployed_at(recipe, adapter, None, qweights)[1])
+            memtrace.mark("quantize")
+        return made[0]
+
+    return dep
+
+
 def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench, samples: int, progress: bool,
                threads: int, say, tag: str = ""):
-    """Lower, write and check one graph set (one image size) into `folder`; -> (manifest, example)."""
+    """Lower, write and check one graph set (one image size) into `folder`; -> (manifest, example).
+    `dep`: a function making the Deployed (`_deployed_once`)."""
     from quota_export.prune.schedule import kept_per_layer
+    from quota_export.reference import DeployConfig
     from quota_export.verify import compare, misses_line, parity_kind, thresholds_for
 
-    spec = dep.spec
-    stages = ", ".join(f"layer {s.layer} keeps {s.keep}" for s in dep.cfg.stages) or "no pruning"
+    spec, cfg = adapter.decoder_spec(), DeployConfig.from_recipe(recipe, adapter.n_visual())  # dep().cfg, before it is made
+    stages = ", ".join(f"layer {s.layer} keeps {s.keep}" for s in cfg.stages) or "no pruning"
     say(f"      {tag}{adapter.architecture}: {spec.num_layers} decoder layers, {adapter.n_visual()} visual tokens "
-        f"per image; {_quant_summary(dep.cfg)}; {stages}")
+        f"per image; {_quant_summary(cfg)}; {stages}")
     resize = recipe.export.image_sizes is not None
     data = parity_items(adapter, recipe, samples, bench, resize)  # a bad --bench fails before the slow part
     probe = adapter.prompt(np.zeros((*adapter.image_size(), 3), np.uint8), "describe image")
@@ -317,7 +336,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
     if target == "tensorrt":
         from quota_export.lower import tensorrt_target
 
-        graphs = tensorrt_target.lower(dep, probe.visual_start, recipe.export.opset)
+        graphs = tensorrt_target.lower(dep(), probe.visual_start, recipe.export.opset)
         bad = tensorrt_target.violations(graphs)
         if bad:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -332,7 +351,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
         else:  # each graph written as it is made, its weights streamed to disk (lower/external.py)
             from quota_export.lower import onnx_target
 
-            written = onnx_target.lower_into(folder, dep, probe.visual_start, recipe.export.opset)
+            written = onnx_target.lower_into(folder, dep, probe.visual_start, recipe.export.opset, adapter)
             files = {name: f for name, (f, _) in written.items()}
             graphs = {name: m for name, (_, m) in written.items()}
             say(f"[3/{STEPS}] {tag}graphs written")
@@ -349,7 +368,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
         "recipe": recipe.name,
         "recipe_hash": recipe.content_hash(),
         "target": target,
-        "reductions": "fp64" if dep.cfg.fp64 and target != "tensorrt" else "fp32",  # the graphs' (TensorRT: fp32)
+        "reductions": "fp64" if cfg.fp64 and target != "tensorrt" else "fp32",  # the graphs' (TensorRT: fp32)
         "model": {
             "path": str(recipe.model),
             "architecture": adapter.architecture,
@@ -362,10 +381,10 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
             "max_position_embeddings": max_positions(adapter),
             **({"mrope": mrope_layout(probe)} if probe.position_ids is not None else {}),
         },
-        "schedule": [{"layer": s.layer, "keep": s.keep, "select": s.select} for s in dep.cfg.stages],
-        "kept_per_layer": kept_per_layer([s.layer for s in dep.cfg.stages], [s.keep for s in dep.cfg.stages],
+        "schedule": [{"layer": s.layer, "keep": s.keep, "select": s.select} for s in cfg.stages],
+        "kept_per_layer": kept_per_layer([s.layer for s in cfg.stages], [s.keep for s in cfg.stages],
                                          probe.n_visual, spec.num_layers),
-        "kv_cache": {"bits": dep.cfg.kv_bits, "group_size": dep.cfg.kv_group or spec.head_dim},
+        "kv_cache": {"bits": cfg.kv_bits, "group_size": cfg.kv_group or spec.head_dim},
         "export": {
             "opset": recipe.export.opset,
             "max_new_tokens": recipe.export.max_new_tokens,
@@ -387,7 +406,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
     # graphs with fp32 reductions differ from it only by their own roundings, whereas a reference
     # in fp32 would add torch's (another summation order) - on the shipped default that halves
     # the median logits SQNR (verify.THRESHOLDS_FP32).
-    rep = compare(runner, dep.with_reductions(True), data.items, recipe.export.max_new_tokens, progress=progress,
+    rep = compare(runner, dep().with_reductions(True), data.items, recipe.export.max_new_tokens, progress=progress,
                   ids=data.ids, release=True)  # the sessions go before the reference runs
     manifest["parity"] = {"data": data.source, "reference_reductions": "fp64", **rep.as_dict()}
     fails = rep.failures(thresholds_for(manifest["reductions"]))
@@ -399,7 +418,7 @@ def _build_set(recipe, adapter, dep, folder: Path, out: Path, target: str, bench
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
     if target == "tensorrt":
-        manifest["engines"] = _engines(folder, manifest, dep, data, recipe.export.max_new_tokens, say, tag)
+        manifest["engines"] = _engines(folder, manifest, dep(), data, recipe.export.max_new_tokens, say, tag)
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest, data.example
 

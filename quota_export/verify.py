@@ -159,7 +159,8 @@ def compare(runner, deployed, items, max_new_tokens: int, progress: bool = True,
     The decoder comparison starts from the same embeddings on both sides (those of vision.onnx +
     embed.onnx): float noise of the unquantized vision tower must not decide a near-tie in a top-k.
     The vision graph is compared on its own (SQNR of its features). `release`: the graphs first,
-    then their sessions are released before the reference runs (runners.run_side_by_side)."""
+    then their sessions are released before the reference runs (runners.run_side_by_side); there
+    `deployed` may be a function making it then."""
     from quota_export.runtime.runners import run_side_by_side
 
     rep = ParityReport()

@@ -56,11 +56,15 @@ class Spill:
         folder = _FOLDER.get()
         return None if folder is None else cls(folder, graph)
 
-    def add(self, t) -> None:
+    def add(self, t):
+        """-> the tensor to keep in the graph: `t`, or (its bytes written) a copy of it without them.
+        A copy, because clearing a field of a protobuf message does not free its bytes (the upb
+        backend allocates them in the message's arena, freed with the message)."""
+        import onnx
         from onnx.external_data_helper import set_external_data
 
         if not t.HasField("raw_data") or sys.getsizeof(t.raw_data) < SIZE_THRESHOLD:
-            return
+            return t
         n = len(t.raw_data)
         if self.file is None:
             self.file = open(self.path, "xb")
@@ -68,6 +72,9 @@ class Spill:
         set_external_data(t, self.path.name, self.size, n)
         t.ClearField("raw_data")
         self.size += n
+        light = onnx.TensorProto()
+        light.CopyFrom(t)
+        return light
 
     def finish(self, m) -> None:
         """The graph `m` is complete: a large one keeps its data file, a small one takes its bytes back."""

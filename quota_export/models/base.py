@@ -129,14 +129,18 @@ class Adapter:
         and lm_head keep the checkpoint's dtype (bf16 / fp16 stay half the memory). The reference
         reads decoder weights with .float() and the vision graph is traced from these modules, so a
         half-precision checkpoint builds and runs exactly like its fp32 upcast (the vision graph
-        takes float32 pixels on ONNX Runtime CPU). A no-op on a float32 checkpoint."""
+        takes float32 pixels on ONNX Runtime CPU). A no-op on a float32 checkpoint. The half-precision
+        tensors' pages of the memory-mapped checkpoint are handed back (weightcache.page_out)."""
+        from quota_export.weightcache import page_out
+
         inner = self.model.model
-        for child in inner.children():
-            if child is not self.lm:
-                child.float()
-        for p in inner.parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()
+        tensors = [t for child in inner.children() if child is not self.lm
+                   for t in (*child.parameters(), *child.buffers())] + list(inner.parameters(recurse=False))
+        for t in tensors:
+            if t.is_floating_point() and t.dtype != torch.float32:
+                old = t.data
+                t.data = old.float()
+                page_out(old)
 
     def check(self) -> None:
         """What this adapter does not lower, as one UserError line each (default: nothing)."""

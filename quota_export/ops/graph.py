@@ -82,7 +82,7 @@ class Graph:
 
     def _add(self, t: onnx.TensorProto) -> str:
         if self.spill is not None:
-            self.spill.add(t)
+            t = self.spill.add(t)  # its bytes in the data file, not in memory
         self.inits.append(t)
         return t.name
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quota_export import UserError, one_line
+from quota_export import UserError, memtrace, one_line
 
 GRAPHS = ("vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx")
 
@@ -244,6 +244,7 @@ class RunResult:
     kept: list[np.ndarray]  # per stage [1, k]
     cache_bytes: int  # bytes of the KV cache after prefill (all layers, keys + values + scales)
     merge: list[np.ndarray] = field(default_factory=list)  # per stage [1, k] merged-token counts (pruning.merge)
+    embeds: np.ndarray | None = None  # [1, T, D] the prompt's embeddings (vision.onnx + embed.onnx)
 
 
 class OrtRunner:
@@ -318,6 +319,7 @@ class OrtRunner:
 
                 src = inline_token_gathers(onnx.load(str(p))).SerializeToString()
             self.sessions[g] = self._session(g, src, self.session_options)
+            memtrace.mark(f"session {g}")
         except ort_errors() as e:
             raise UserError(f"{p}: corrupt or unreadable graph ({one_line(e)})") from None
         return self.sessions[g]
@@ -420,12 +422,29 @@ class OrtRunner:
         return np.full((len(self.mrope["visual"]), 1, 1), p, np.int64)
 
     def embeds(self, ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
-        feats = self._run("vision.onnx", {"pixel_values": pixel_values})["image_features"]
-        emb = self._run("embed.onnx", {"input_ids": ids})["inputs_embeds"]
+        return self.drive(self.embeds_steps(ids, pixel_values))
+
+    def embeds_steps(self, ids: np.ndarray, pixel_values: np.ndarray):
+        feats = (yield "vision.onnx", {"pixel_values": pixel_values})["image_features"]
+        emb = (yield "embed.onnx", {"input_ids": ids})["inputs_embeds"]
         emb[:, self.visual_start : self.visual_start + self.n_visual] = feats[0]
         return emb
 
+    def drive(self, steps):
+        """Run a `*_steps` generator to its end, each graph call it yields, (graph, feeds), through
+        `_run` (runtime/graphmajor.py drives many at once instead) -> what it returns."""
+        try:
+            call = next(steps)
+            while True:
+                call = steps.send(self._run(*call))
+        except StopIteration as done:
+            return done.value
+
     def generate(self, image: np.ndarray, question: str, max_new_tokens: int | None = None) -> RunResult:
+        return self.drive(self.generate_steps(image, question, max_new_tokens))
+
+    def generate_steps(self, image: np.ndarray, question: str, max_new_tokens: int | None = None):
+        """`generate` as a generator yielding its graph calls (`drive`)."""
         from quota_export.limits import check_max_new_tokens
 
         max_new = check_max_new_tokens(max_new_tokens or self.manifest["export"]["max_new_tokens"])
@@ -436,9 +455,9 @@ class OrtRunner:
             raise UserError(f"prompt of {T} tokens + max_new_tokens {max_new} is more than the graphs' sequence limit "
                             f"{limit} (export.max_seq / max_position_embeddings)"
                             + (f": at most {limit - T} new tokens" if T < limit else ": shorten the prompt"))
-        emb = self.embeds(ids, pix)
+        emb = yield from self.embeds_steps(ids, pix)
         pos = self.positions(T)
-        out = self._run("prefill.onnx", {"inputs_embeds": emb, "position_ids": pos})
+        out = yield "prefill.onnx", {"inputs_embeds": emb, "position_ids": pos}
         kept = [out[f"kept.{i}"] for i in range(len(self.manifest["schedule"]))]
         past = {k.replace("present.", "past.", 1): v for k, v in out.items() if k.startswith("present.")}
         cache_bytes = sum(v.nbytes for v in past.values())
@@ -451,9 +470,9 @@ class OrtRunner:
             toks.append(t)
             if t == self.eos:
                 break
-            e = self._run("embed.onnx", {"input_ids": np.array([[t]], np.int64)})["inputs_embeds"]
-            o = self._run("decode.onnx", {"inputs_embeds": e, "position_ids": self.step_position(p), **past, **merge})
+            e = (yield "embed.onnx", {"input_ids": np.array([[t]], np.int64)})["inputs_embeds"]
+            o = yield "decode.onnx", {"inputs_embeds": e, "position_ids": self.step_position(p), **past, **merge}
             past = {k.replace("present.", "past.", 1): v for k, v in o.items() if k.startswith("present.")}
             logits, p = o["logits"], p + 1
         text = self.processor.tokenizer.decode(toks, skip_special_tokens=True).strip()
-        return RunResult(toks, text, logits0, kept, cache_bytes, [merge[f"merge.{i}"] for i in range(len(merge))])
+        return RunResult(toks, text, logits0, kept, cache_bytes, [merge[f"merge.{i}"] for i in range(len(merge))], emb)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from polygraphy.backend.base import BaseRunner
 
-from quota_export import UserError
+from quota_export import UserError, memtrace
 from quota_export.runtime.ort import GRAPHS, OrtRunner
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
@@ -217,13 +217,17 @@ class PipelineRunner(_SampleRunner, BaseRunner):
     def infer_impl(self, feed_dict):
         t0 = time.perf_counter()
         image, q = feed_dict["image"], _question(feed_dict)
-        res = self.graphs.generate(image, q, self.max_new_tokens)
-        ids, pix = self.graphs.encode(image, q)
-        out = OrderedDict(inputs_embeds=self.graphs.embeds(ids, pix), logits=res.prefill_logits)
-        out.update((f"kept.{i}", k) for i, k in enumerate(res.kept))
-        out["tokens"] = np.asarray(res.tokens, np.int64)
+        out = pipeline_outputs(self.graphs.generate(image, q, self.max_new_tokens))
         self.inference_time = time.perf_counter() - t0
         return out
+
+
+def pipeline_outputs(res) -> OrderedDict:
+    """PipelineRunner's outputs of one sample's `RunResult`."""
+    out = OrderedDict(inputs_embeds=res.embeds, logits=res.prefill_logits)
+    out.update((f"kept.{i}", k) for i, k in enumerate(res.kept))
+    out["tokens"] = np.asarray(res.tokens, np.int64)
+    return out
 
 
 class ReferenceRunner(_SampleRunner, BaseRunner):
@@ -268,19 +272,15 @@ class SampleLoader:
         return sample_feed(image, question, self.graphs.embeds(ids, pix))
 
 
-LARGE_GRAPHS = 4 << 30  # graph sets above this run their parity one decoder graph at a time
-
-
-def parity_session_bytes(manifest: dict) -> int | None:
-    """The `session_bytes` of a parity check (build, verify): None (every session held) for a
-    graph set up to LARGE_GRAPHS bytes; above, room for the embedding graph and the largest
-    other one, so a real-size model never holds its prefill and decode sessions together."""
+def parity_session_bytes(manifest: dict) -> int:
+    """The `session_bytes` of a parity check (build, verify) and of `run`: room for the embedding
+    graph and the largest other one. Sessions are made when first run, and the parity runs the samples one
+    graph at a time (graphmajor.generate_all), so the prefill and decode sessions (each ~1.8x its
+    file bytes in ONNX Runtime) are never held together."""
     sizes = {}
     for g, e in manifest["graphs"].items():
-        data = e.get("external_data")
-        sizes[g] = e["bytes"] + (manifest["files"][data]["bytes"] if data else 0)
-    if sum(sizes.values()) <= LARGE_GRAPHS:
-        return None
+        data = e.get("external_data")  # a data file the manifest lost is the runner's error to name
+        sizes[g] = e["bytes"] + (manifest["files"].get(data, {}).get("bytes", 0) if data else 0)
     return sizes.get("embed.onnx", 0) + max(v for g, v in sizes.items() if g != "embed.onnx")
 
 
@@ -289,26 +289,33 @@ def run_side_by_side(graphs: GraphRunner, deployed, items, max_new_tokens: int, 
     """Yields (reference outputs, graph outputs) per item: `Comparator.run` in streaming mode (one
     sample at a time, both runners active), the reference first. `release` (build, verify): the
     graphs run every item first and their sessions are released (`graphs` is spent) before the
-    reference runs, so the two never hold memory at once; the same outputs. `progress`: with
-    `release`, a bar for each of the two passes (on a real-size model each takes minutes)."""
+    reference runs, so the two never hold memory at once; the same outputs. There the graphs run
+    one at a time over all items (graphmajor.generate_all), and `deployed` may be a function
+    making the reference, called once they are released (verify loads the model only then).
+    `progress`: with `release`, a bar for each of the two passes (on a real-size model each
+    takes minutes; the graphs' bar counts the samples answered)."""
     from polygraphy.comparator import Comparator
     from tqdm import tqdm
 
     quiet_polygraphy()
     if release:
-        loader, pipe, ref = SampleLoader(graphs, items), PipelineRunner(graphs, max_new_tokens), \
-            ReferenceRunner(deployed, max_new_tokens)
-        bar = dict(disable=not progress, unit="sample", total=len(loader))
-        with pipe:
-            done = [(feed, pipe.infer(feed)) for feed in tqdm((loader[i] for i in range(len(loader))),
-                                                               desc="parity: graphs", **bar)]
-        graphs.release()
+        from quota_export.runtime.graphmajor import generate_all
         from quota_export.weightcache import trim
 
+        items = list(items)
+        bar = dict(disable=not progress, unit="sample", total=len(items))
+        with tqdm(desc="parity: graphs", **bar) as answered:
+            res = generate_all(graphs, items, max_new_tokens, done=lambda: answered.update())  # one graph at a time
+        done = [(sample_feed(image, q, r.embeds), pipeline_outputs(r)) for (image, q), r in zip(items, res)]
+        memtrace.mark("parity: graphs ran")
+        graphs.release()
         trim()
+        memtrace.mark("parity: sessions released")
+        ref = ReferenceRunner(deployed() if callable(deployed) else deployed, max_new_tokens)
         with ref:
             for feed, out in tqdm(done, desc="parity: reference", **bar):
                 yield ref.infer(feed), out
+        memtrace.mark("parity: reference ran")
         return
     runners = [ReferenceRunner(deployed, max_new_tokens), PipelineRunner(graphs, max_new_tokens)]
     for results in Comparator.run(runners, data_loader=SampleLoader(graphs, items), streaming=True):

@@ -149,3 +149,68 @@ def test_page_out_keeps_the_values(tiny):
     before = (w.clone(), anon.clone())
     assert page_out(w) and page_out(anon)
     assert torch.equal(w, before[0]) and torch.equal(anon, before[1])
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
+def test_streamed_initializers_leave_memory(tmp_path, monkeypatch):
+    """A graph built inside `streaming` keeps copies of its initializers without their bytes:
+    clearing a protobuf field does not free its bytes (upb arenas), so keeping the cleared tensor
+    would hold every byte already written. 256 MiB of weights streamed grow RSS by far less."""
+    from quota_export.memtrace import status
+    from quota_export.ops.graph import Graph
+
+    monkeypatch.setattr(external, "EXTERNAL_DATA_BYTES", 0)
+    with external.streaming(tmp_path):
+        g = Graph("big")
+        before = status()["VmRSS"]
+        for i in range(16):
+            g.init(f"w{i}", np.full((1 << 22,), i, np.float32))  # 16 MiB each
+        grown = status()["VmRSS"] - before
+    assert grown < 64 << 20, f"RSS grew {grown >> 20} MiB while streaming 256 MiB"
+    assert all(not t.HasField("raw_data") for t in g.inits)
+    assert (tmp_path / "big.onnx.data").stat().st_size == 16 << 22 << 2
+
+
+def test_light_version_conversion_gives_the_same_graph(tiny, tmp_path):
+    """convert_light (the vision export's opset conversion without the tensors' bytes) gives the
+    bytes of converting the whole graph."""
+    import warnings
+
+    from onnx import version_converter
+
+    dep, _ = tiny
+    mod, x = dep.adapter.vision_module().eval(), torch.zeros(*dep.adapter.pixel_shape())
+    path = tmp_path / "v.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(mod, (x,), str(path), input_names=["pixel_values"], output_names=["image_features"],
+                          opset_version=20, dynamo=False, do_constant_folding=True)
+    want = version_converter.convert_version(onnx.load(str(path)), 21).SerializeToString(deterministic=True)
+    got = onnx_target.convert_light(onnx.load(str(path)), 21)
+    assert got.SerializeToString(deterministic=True) == want
+    assert sum(t.HasField("raw_data") for t in got.graph.initializer) > 10
+
+
+def test_build_exports_the_vision_tower_before_quantizing(tiny_llava, tmp_path, monkeypatch):
+    """build: the vision tower's export (the torch exporter's copies of it) runs before the decoder
+    is quantized, so the exporter and the quantized weights are never in memory together."""
+    from test_build import write_recipe
+
+    from quota_export import build as build_mod
+
+    order = []
+    real_dep, real_vision = build_mod.deployed_at, onnx_target.vision_graph
+
+    def dep(*a, **k):
+        order.append("quantize")
+        return real_dep(*a, **k)
+
+    def vision(*a, **k):
+        order.append("vision")
+        return real_vision(*a, **k)
+
+    monkeypatch.setattr(build_mod, "deployed_at", dep)
+    monkeypatch.setattr(onnx_target, "vision_graph", vision)
+    r = write_recipe(tmp_path / "r.yaml", "order", tiny_llava, {"scheme": "w4a4kv4"}, [{"layer": 1, "keep": 72}], 0.7)
+    res = build_mod.build(load_recipe(r), tmp_path / "g", str(TEST_SPLIT), 1, threads=1)
+    assert order == ["vision", "quantize"] and res.manifest["parity"]["answer_agreement"] == 1.0

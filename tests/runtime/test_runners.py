@@ -131,6 +131,16 @@ def test_compare_releasing_the_graphs_first_gives_the_same_report(built, items):
     got = compare(graphs, dep, items, 4, progress=False, ids=["a", "b", "c"], release=True)
     assert got.as_dict() == want.as_dict() and got.records == want.records
     assert graphs.sessions == {} and not graphs.runners
+    # verify: the reference made (the model loaded) only once the graphs' sessions are gone
+    graphs = runners.GraphRunner(res.out, threads=1, session_bytes=runners.parity_session_bytes(graphs.manifest))
+    held = []
+
+    def reference():
+        held.append(dict(graphs.sessions))
+        return dep
+
+    got = compare(graphs, reference, items, 4, progress=False, ids=["a", "b", "c"], release=True)
+    assert got.as_dict() == want.as_dict() and held == [{}]
 
 
 def test_sessions_made_on_use_within_a_byte_budget(built, items):
@@ -162,18 +172,29 @@ def test_parity_session_bytes():
     def man(**sizes):
         return {"graphs": {g: {"bytes": b} for g, b in sizes.items()}, "files": {}}
 
-    assert runners.parity_session_bytes(man(**{"vision.onnx": 10, "embed.onnx": 5, "prefill.onnx": 20})) is None
+    assert runners.parity_session_bytes(man(**{"vision.onnx": 10, "embed.onnx": 5, "prefill.onnx": 20})) == 25
     big = man(**{"vision.onnx": 1 << 30, "embed.onnx": 1 << 29, "prefill.onnx": 3 << 30, "decode.onnx": 3 << 30})
     assert runners.parity_session_bytes(big) == (1 << 29) + (3 << 30)
 
 
-def test_cli_backend_ort_cpu_runs(built, items, capsys):
+def test_cli_backend_ort_cpu_runs(built, items, capsys, monkeypatch):
+    """`run` answers as OrtRunner.generate does, holding the embedding session and one other."""
     _, res = built
     from quota_export.data import load_bench
 
+    held = []
+    real = runners.GraphRunner._session
+
+    def spy(self, g, src, so):
+        held.append(set(self.sessions) | {g})
+        return real(self, g, src, so)
+
+    monkeypatch.setattr(runners.GraphRunner, "_session", spy)
     s = load_bench(TEST_SPLIT, limit=1)[0]
     assert main(["run", "--artifacts", str(res.out), "--image", s.image, "--prompt", s.question,
                  "--backend", "ort-cpu"]) == 0
+    assert len(held) == 4 and all(len(h - {"embed.onnx"}) <= 1 for h in held)
+    monkeypatch.undo()
     want = OrtRunner(res.out, threads=1).generate(*items[0]).text
     assert capsys.readouterr().out == want + "\n"
     out = res.out.parent / "v.json"
@@ -284,3 +305,36 @@ def test_tensorrt_runner_engine_parity(tmp_path):
     assert sorted(man["engines"]["files"]) == sorted(g.replace(".onnx", ".engine") for g in GRAPHS)
     assert main(["verify", "--artifacts", str(tmp_path / "g"), "--bench", str(TEST_SPLIT), "--samples", "4",
                  "--backend", "tensorrt"]) == 0
+
+
+@pytest.mark.parametrize("past_bytes", [1 << 30, 1])
+def test_graph_major_generation_equals_generate(built, items, past_bytes):
+    """graphmajor.generate_all (parity): every sample's tokens, logits, kept indices, merge counts
+    and embeddings equal `generate`'s bit for bit; with sessions made on use it holds the
+    embedding session and one other, each made once per round (one round when the caches fit
+    past_bytes, one per sample when they do not)."""
+    from quota_export.runtime.graphmajor import generate_all
+
+    _, res = built
+    full = runners.GraphRunner(res.out, threads=1)
+    want = [full.generate(image, q, 4) for image, q in items]
+    lazy = runners.GraphRunner(res.out, threads=1, session_bytes=runners.parity_session_bytes(full.manifest))
+    made, held = [], []
+    real = lazy._session
+
+    def spy(g, src, so):
+        made.append(g)
+        held.append(set(lazy.sessions) | {g})
+        return real(g, src, so)
+
+    lazy._session = spy
+    got = generate_all(lazy, items, 4, past_bytes=past_bytes)
+    for a, b in zip(want, got):
+        assert a.tokens == b.tokens and a.prefill_logits.tobytes() == b.prefill_logits.tobytes()
+        assert all(x.tobytes() == y.tobytes() for x, y in zip(a.kept, b.kept))
+        assert all(x.tobytes() == y.tobytes() for x, y in zip(a.merge, b.merge)) and len(a.merge) == len(b.merge) > 0
+        assert a.embeds.tobytes() == b.embeds.tobytes()
+    assert all(len(h - {"embed.onnx"}) <= 1 for h in held)
+    rounds = 1 if past_bytes > 1 else len(items)
+    assert made.count("vision.onnx") == made.count("embed.onnx") == 1
+    assert made.count("prefill.onnx") == made.count("decode.onnx") == rounds
