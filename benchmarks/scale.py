@@ -277,7 +277,8 @@ def table() -> str:
             run += (f"; {rt.get('sessions', 'all four sessions held')}; sessions made in {rt['load_s']} s, "
                     f"vision {rt['vision_s']} s, prefill {rt['prefill_s']} s, "
                     f"**decode {rt['decode_s_per_token']} s/token** ({rt['tokens']} tokens)")
-        cal = _step(r["calibrate"]) if r.get("calibrate") else "measured separately (the calibration redesign)"
+        cal = _step(r["calibrate"]) if r.get("calibrate") else \
+            "not run here (`--calibrate`); the TinyLLaVA geometry's 32-sample run: docs/calibration.md, Cost"
         out.append(f"| ({r['row']}) {r['label']} | {_gib(ck) if ck else '-'} GiB | {goal} | {_step(r.get('build'))} | "
                    f"{_step(r.get('verify'))} | {run} | {cal} |")
     out += ["", "## Graphs and parity", "",
